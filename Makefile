@@ -1,0 +1,29 @@
+# Two commands, each self-contained on a fresh machine (Python 3.11, no torch):
+#   make demo   builds adapters, runs forward + backward on every available backend
+#   make test   runs the test suite
+# Both install into ./.venv first. torch 2.14.1 + torchvision 0.29.1 are the pinned pair that
+# installs from this machine's local wheel cache and keeps open_clip and CUDA builds working.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1 "numpy<2.4"
+
+.PHONY: demo test install clean
+
+$(VENV)/.installed: pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) examples/demo.py
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not gpu"
+
+clean:
+	rm -rf $(VENV) build *.egg-info

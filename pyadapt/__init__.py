@@ -1,0 +1,50 @@
+"""pyadapt: fused kernels for parameter-efficient adapters behind a plain PyTorch autograd API.
+
+    import pyadapt
+    adapter = pyadapt.FusedAdapter(768, 32)            # y = x + scale * up(act(down(x)))
+    lin = pyadapt.RAdapter(nn.Linear(768, 768))        # frozen linear + R-Adapter, foldable
+    pyadapt.fold_(model); pyadapt.unfold_(model)       # zero-cost inference, exact undo
+
+The mathematics is in pyadapt.reference; every op is a torch.library custom op (pyadapt.ops)
+dispatched to a backend (pyadapt.set_backend / use_backend / PYADAPT_BACKEND).
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import ops, reference
+from .adapters import FusedAdapter, MultiModalAdapter
+from .fold import AdapterEMA, adapter_state_dict, fold_, load_adapter_state_dict, unfold_
+from .linear import (CPAdapter, CPLinear, ContextEnhancement, GatedQueryTransform, LowRankAdapter,
+                     RAdapter)
+from .losses import MPMNCELoss
+from .ops import available_backends, current_backend, set_backend, use_backend
+
+
+def build_info() -> dict:
+    """What this install can run: backends, native extension, versions."""
+    import torch
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "pyadapt": __version__,
+        "backends": available_backends(),
+        "ops": ops.kernel_table(),
+        "native_extension": False,
+        "cuda_archs": [],
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda_available": torch.cuda.is_available(),
+    }
+
+
+__all__ = ["AdapterEMA", "CPAdapter", "CPLinear", "ContextEnhancement", "FusedAdapter",
+           "GatedQueryTransform", "LowRankAdapter", "MPMNCELoss", "MultiModalAdapter",
+           "RAdapter", "adapter_state_dict", "available_backends", "build_info",
+           "current_backend", "fold_", "load_adapter_state_dict", "ops", "reference",
+           "set_backend", "unfold_", "use_backend"]

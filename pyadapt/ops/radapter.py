@@ -1,0 +1,134 @@
+"""The R-Adapter op: a frozen linear followed by its linear adapter, as one computation.
+
+y = z + scale * row_scale * q,  z = x W_o^T + b_o,  q = z W_f^T (full rank) or (z W_d^T) W_u^T.
+Declared as `pyadapt::radapter_forward` / `pyadapt::radapter_backward`; the frozen W_o, b_o get
+gradients only if they require them (they do not in RAdapter).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from .. import _validate as check
+from .. import reference
+from . import _grads
+from ._registry import kernel_for, register
+from ._scalars import effective_scale, split_scale
+
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("pyadapt::radapter_forward", mutates_args=())
+def radapter_forward(x: Tensor, base_weight: Tensor, base_bias: Optional[Tensor],
+                     full_weight: Optional[Tensor], down_weight: Optional[Tensor],
+                     up_weight: Optional[Tensor], scale: Optional[Tensor], scale_value: float,
+                     row_scale: Optional[Tensor]) -> Tensor:
+    fn = kernel_for("radapter_forward", x.device.type)
+    return fn(x, base_weight, base_bias, full_weight, down_weight, up_weight, scale, scale_value,
+              row_scale)
+
+
+@radapter_forward.register_fake
+def _(x, base_weight, base_bias, full_weight, down_weight, up_weight, scale, scale_value,
+      row_scale):
+    return x.new_empty((x.shape[0], base_weight.shape[0]))
+
+
+@torch.library.custom_op("pyadapt::radapter_backward", mutates_args=())
+def radapter_backward(grad_y: Tensor, x: Tensor, base_weight: Tensor, base_bias: Optional[Tensor],
+                      full_weight: Optional[Tensor], down_weight: Optional[Tensor],
+                      up_weight: Optional[Tensor], scale: Optional[Tensor], scale_value: float,
+                      row_scale: Optional[Tensor], needs: List[bool]) -> List[Tensor]:
+    fn = kernel_for("radapter_backward", x.device.type)
+    return fn(grad_y, x, base_weight, base_bias, full_weight, down_weight, up_weight, scale,
+              scale_value, row_scale, needs)
+
+
+@radapter_backward.register_fake
+def _(grad_y, x, base_weight, base_bias, full_weight, down_weight, up_weight, scale, scale_value,
+      row_scale, needs):
+    return _grads.fake([x, base_weight, base_bias, full_weight, down_weight, up_weight, scale],
+                       needs, x)
+
+
+def _setup_context(ctx, inputs, output):
+    *tensors, scale_value, row_scale = inputs
+    ctx.save_for_backward(*tensors, row_scale)
+    ctx.scale_value = scale_value
+
+
+def _backward(ctx, grad_y):
+    x, base_weight, base_bias, full_weight, down_weight, up_weight, scale, row_scale = \
+        ctx.saved_tensors
+    inputs = [x, base_weight, base_bias, full_weight, down_weight, up_weight, scale]
+    needs = list(ctx.needs_input_grad[:7])
+    grads = [None] * 7
+    if any(_grads.wanted(inputs, needs)):
+        packed = radapter_backward(grad_y, x, base_weight, base_bias, full_weight, down_weight,
+                                   up_weight, scale, ctx.scale_value, row_scale, needs)
+        grads = _grads.unpack(packed, inputs, needs)
+    return (*grads, None, None)
+
+
+radapter_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _reference_forward(x, base_weight, base_bias, full_weight, down_weight, up_weight, scale,
+                       scale_value, row_scale):
+    return reference.radapter_forward(x, base_weight, base_bias, full_weight, down_weight,
+                                      up_weight, scale=effective_scale(scale, scale_value, x),
+                                      row_scale=row_scale)
+
+
+def _reference_backward(grad_y, x, base_weight, base_bias, full_weight, down_weight, up_weight,
+                        scale, scale_value, row_scale, needs):
+    grads = reference.radapter_backward(grad_y, x, base_weight, base_bias, full_weight,
+                                        down_weight, up_weight,
+                                        scale=effective_scale(scale, scale_value, x), row_scale=row_scale)
+    inputs = [x, base_weight, base_bias, full_weight, down_weight, up_weight, scale]
+    return _grads.pack(grads, inputs, needs, x)
+
+
+register("radapter_forward", "reference", _reference_forward)
+register("radapter_backward", "reference", _reference_backward)
+
+
+def radapter(x: Tensor, base_weight: Tensor, base_bias: Optional[Tensor], *,
+             full_weight: Optional[Tensor] = None, down_weight: Optional[Tensor] = None,
+             up_weight: Optional[Tensor] = None, scale: Tensor | float = 0.1,
+             row_scale: Optional[Tensor] = None) -> Tensor:
+    """Checked entry point on row matrices: x (M, in); base_weight (out, in); base_bias (out,)
+    or None; either full_weight (out, out) or down_weight (r, out) with up_weight (out, r);
+    scale a float or 0-dim tensor; row_scale (M,) or None. Returns y (M, out)."""
+    check.tensor("x", x, ndim=2)
+    m, d_in = x.shape
+    check.tensor("base.weight", base_weight, ndim=2)
+    d_out = base_weight.shape[0]
+    check.shape("base.weight", base_weight, (d_out, d_in), "out_features x in_features")
+    check.same_dtype_device("base.weight", base_weight, "x", x)
+    if base_bias is not None:
+        check.tensor("base.bias", base_bias)
+        check.shape("base.bias", base_bias, (d_out,))
+        check.same_dtype_device("base.bias", base_bias, "x", x)
+    if (full_weight is None) == (down_weight is None or up_weight is None):
+        raise ValueError("radapter: give either full_weight, or both down_weight and up_weight")
+    if full_weight is not None:
+        check.tensor("adapter.weight", full_weight)
+        check.shape("adapter.weight", full_weight, (d_out, d_out), "out_features x out_features")
+        check.same_dtype_device("adapter.weight", full_weight, "x", x)
+    else:
+        check.tensor("adapter.down", down_weight, ndim=2)
+        r = down_weight.shape[0]
+        check.shape("adapter.down", down_weight, (r, d_out), "rank x out_features")
+        check.shape("adapter.up", up_weight, (d_out, r), "out_features x rank")
+        check.same_dtype_device("adapter.down", down_weight, "x", x)
+        check.same_dtype_device("adapter.up", up_weight, "x", x)
+    if row_scale is not None:
+        check.tensor("row_scale", row_scale)
+        check.shape("row_scale", row_scale, (m,), "one factor per row of x")
+        check.same_device("row_scale", row_scale, "x", x)
+    scale_t, scale_value = split_scale(scale, x)
+    return radapter_forward(x, base_weight, base_bias, full_weight, down_weight, up_weight, scale_t,
+                            scale_value, row_scale)

@@ -1,0 +1,47 @@
+"""Shared test helpers: relative errors and per-dtype tolerances (DESIGN.md section 5)."""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+# Must be set before any @triton.jit function is defined (kernels arrive with the Triton backend).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+# ||out - ref|| / ||ref|| limits against the float64 reference.
+REL_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative Frobenius error of out against ref (both upcast to float64)."""
+    out, ref = out.detach().double(), ref.detach().double()
+    denom = ref.norm().item()
+    diff = (out - ref).norm().item()
+    if denom == 0.0:
+        return diff
+    return diff / denom
+
+
+def assert_close_rel(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str,
+                     baseline: torch.Tensor | None = None) -> None:
+    """out (computed in `dtype`) against the float64 ref. For bf16/fp16, when `baseline` (plain
+    eager PyTorch in the same dtype) is given, out's error must also be at most 2x baseline's."""
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(out.detach().double()).all(), f"{what}: non-finite values"
+    err = rel_err(out, ref)
+    assert err <= REL_TOL[dtype], f"{what}: relative error {err:.3e} > {REL_TOL[dtype]:.0e} ({dtype})"
+    if baseline is not None and dtype in LOW_PRECISION:
+        base_err = rel_err(baseline, ref)
+        assert err <= 2 * base_err + 1e-6, (
+            f"{what}: error {err:.3e} exceeds 2x eager {dtype} error {base_err:.3e}")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """Each test draws its own random data, deterministically per test name."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    yield
