@@ -80,3 +80,9 @@ def choice(name: str, v, options: Sequence[str]) -> str:
     if v not in options:
         raise ValueError(f"{name}: expected one of {tuple(options)}, got {v!r}")
     return v
+
+
+def no_grad_required(name: str, t: Tensor, why: str) -> None:
+    if t.requires_grad:
+        raise ValueError(f"{name}: gradients with respect to {name} are not supported ({why}); "
+                         f"pass {name}.detach()")

@@ -21,8 +21,10 @@ class MPMNCELoss(nn.Module):
 
     Positives P come from class labels (N,) (P_ij = [y_i = y_j]), from an (N, N) bool matrix, or
     default to the diagonal (plain CLIP InfoNCE). Features are L2-normalised first unless
-    normalize=False (normalising unit vectors again changes neither the value nor the
-    gradient). Uses log-softmax: finite inputs never give NaN. Defaults are the ImageNet recipe
+    normalize=False. Normalising features that the model already normalised changes neither
+    the loss nor the gradients of the model's parameters (the normalisation's projection is
+    idempotent); the gradient with respect to the unit vectors themselves becomes its
+    tangential part g - f <f, g>. Uses log-softmax: finite inputs never give NaN. Defaults are the ImageNet recipe
     (eps 0.02, delta 0.05)."""
 
     def __init__(self, temperature: float = 0.01, margin: float = 0.05,
@@ -40,6 +42,9 @@ class MPMNCELoss(nn.Module):
                 positives: Optional[Tensor] = None) -> Tensor:
         check.tensor("image_features", image_features, ndim=2)
         check.tensor("text_features", text_features, ndim=2)
+        check.shape("text_features", text_features, tuple(image_features.shape),
+                    "the shape of image_features")
+        check.same_dtype_device("text_features", text_features, "image_features", image_features)
         n = image_features.shape[0]
         if positives is None:
             positives = torch.eye(n, dtype=torch.bool, device=image_features.device)

@@ -40,6 +40,15 @@ def assert_close_rel(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, w
             f"{what}: error {err:.3e} exceeds 2x eager {dtype} error {base_err:.3e}")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """The suite is many tiny problems: a second intra-op thread mostly spin-waits."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     """Each test draws its own random data, deterministically per test name."""

@@ -36,7 +36,18 @@ def register(op: str, backend: str, fn: Callable) -> None:
     if backend not in BACKENDS or backend == "auto":
         raise ValueError(f"backend: expected one of {BACKENDS[1:]}, got {backend!r}")
     _kernels.setdefault(op, {})[backend] = fn
-    _available.setdefault(backend, True)
+    _available.setdefault(backend, _usable(backend))
+
+
+def _usable(backend: str) -> bool:
+    """Whether a backend that registered kernels can run here. Triton needs a CUDA device, or
+    its CPU interpreter (TRITON_INTERPRET=1, set before the kernels are defined: tests, CI)."""
+    if backend == "triton":
+        import torch
+
+        interpret = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+        return interpret or torch.cuda.is_available()
+    return True
 
 
 def available_backends() -> list[str]:

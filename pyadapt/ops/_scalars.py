@@ -31,6 +31,11 @@ def seed_tensor(seed: Optional[Tensor], dropout_p: float, x: Tensor) -> Optional
         return torch.randint(0, reference.SEED_LIMIT, (), dtype=torch.int64, device=x.device)
     if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
         raise TypeError("seed: expected a single-element int64 tensor in [0, 2**31)")
+    # Only a user-given seed reaches this check (one host read); drawn seeds are in range.
+    if not torch.compiler.is_compiling():
+        value = int(seed.reshape(()))
+        if not 0 <= value <= reference.SEED_LIMIT:
+            raise ValueError(f"seed: expected a value in [0, 2**31), got {value}")
     return seed.reshape(()).to(x.device)
 
 

@@ -33,7 +33,7 @@ def bottleneck_forward(x: Tensor, residual: Optional[Tensor], down_weight: Tenso
                        grad_scale_invariant: bool) -> Tensor:
     fn = kernel_for("bottleneck_forward", x.device.type)
     return fn(x, residual, down_weight, down_bias, shared_weight, shared_bias, up_weight, up_bias,
-              scale, scale_value, row_scale, seed, activation, dropout_p)
+              scale, scale_value, row_scale, seed, activation, dropout_p).contiguous()
 
 
 @bottleneck_forward.register_fake
@@ -170,6 +170,7 @@ def bottleneck(x: Tensor, down_weight: Tensor, down_bias: Optional[Tensor], up_w
         check.tensor("row_scale", row_scale)
         check.shape("row_scale", row_scale, (m,), "one factor per row of x")
         check.same_device("row_scale", row_scale, "x", x)
+        check.no_grad_required("row_scale", row_scale, "it carries masks and drop factors")
     check.choice("activation", activation, reference.ACTIVATIONS)
     dropout_p = check.probability("dropout", dropout_p)
     seed = seed_tensor(seed, dropout_p, x)
@@ -177,3 +178,16 @@ def bottleneck(x: Tensor, down_weight: Tensor, down_bias: Optional[Tensor], up_w
                               up_weight, up_bias, scale_t, scale_value, row_scale, seed, activation,
                               dropout_p, bool(grad_scale_invariant))
 
+
+
+# ---------------------------------------------------------------------------------------------
+# triton backend (kernels/bottleneck.py), when triton imports
+
+try:
+    from pyadapt.kernels import bottleneck as _triton_kernels
+except ImportError:  # triton missing, or pyadapt.kernels not installed
+    _triton_kernels = None
+
+if _triton_kernels is not None:
+    register("bottleneck_forward", "triton", _triton_kernels.forward)
+    register("bottleneck_backward", "triton", _triton_kernels.backward)

@@ -41,6 +41,12 @@ register("fold_weights", "reference", _reference_fold)
 def fold(weights: List[Tensor], lefts: List[Tensor], rights: List[Tensor],
          scales: List[float] | Tensor) -> List[Tensor]:
     """Checked entry point: returns new tensors W_i + s_i L_i R_i (inputs untouched)."""
+    if isinstance(scales, torch.Tensor):
+        check.tensor("scales", scales, ndim=1)
+        bad = (~torch.isfinite(scales)).nonzero()
+        if bad.numel():
+            i = int(bad[0, 0])
+            raise ValueError(f"scales[{i}]: expected a finite float, got {float(scales[i])}")
     n = len(weights)
     if len(lefts) != n or len(rights) != n or len(scales) != n:
         raise ValueError(f"fold: expected equal numbers of weights, lefts, rights and scales, got "

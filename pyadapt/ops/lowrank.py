@@ -26,7 +26,7 @@ def lowrank_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], down: Ten
                     core: Optional[Tensor], up: Tensor, scale: float, seed: Optional[Tensor],
                     dropout_p: float, dropout_after_core: bool) -> Tensor:
     fn = kernel_for("lowrank_forward", x.device.type)
-    return fn(x, weight, bias, down, core, up, scale, seed, dropout_p, dropout_after_core)
+    return fn(x, weight, bias, down, core, up, scale, seed, dropout_p, dropout_after_core).contiguous()
 
 
 @lowrank_forward.register_fake

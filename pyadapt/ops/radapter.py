@@ -27,7 +27,7 @@ def radapter_forward(x: Tensor, base_weight: Tensor, base_bias: Optional[Tensor]
                      row_scale: Optional[Tensor]) -> Tensor:
     fn = kernel_for("radapter_forward", x.device.type)
     return fn(x, base_weight, base_bias, full_weight, down_weight, up_weight, scale, scale_value,
-              row_scale)
+              row_scale).contiguous()
 
 
 @radapter_forward.register_fake
@@ -129,6 +129,7 @@ def radapter(x: Tensor, base_weight: Tensor, base_bias: Optional[Tensor], *,
         check.tensor("row_scale", row_scale)
         check.shape("row_scale", row_scale, (m,), "one factor per row of x")
         check.same_device("row_scale", row_scale, "x", x)
+        check.no_grad_required("row_scale", row_scale, "it carries masks and drop factors")
     scale_t, scale_value = split_scale(scale, x)
     return radapter_forward(x, base_weight, base_bias, full_weight, down_weight, up_weight, scale_t,
                             scale_value, row_scale)
