@@ -23,7 +23,7 @@ demo: $(VENV)/.installed
 	$(PY) examples/demo.py
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not gpu"
+	$(PY) -m pytest -q
 
 clean:
 	rm -rf $(VENV) build *.egg-info
