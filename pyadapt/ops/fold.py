@@ -67,3 +67,15 @@ def fold(weights: List[Tensor], lefts: List[Tensor], rights: List[Tensor],
                               dtype=torch.float64)
     scales = scales.to(device=weights[0].device, dtype=torch.float64)
     return fold_weights(list(weights), list(lefts), list(rights), scales)
+
+
+# ---------------------------------------------------------------------------------------------
+# triton backend (kernels/fold.py), when triton imports
+
+try:
+    from pyadapt.kernels import fold as _triton_kernels
+except ImportError:  # triton missing, or pyadapt.kernels not installed
+    _triton_kernels = None
+
+if _triton_kernels is not None:
+    register("fold_weights", "triton", _triton_kernels.fold)

@@ -122,3 +122,16 @@ def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], down: Tens
     dropout_p = check.probability("dropout", dropout_p)
     return lowrank_forward(x, weight, bias, down, core, up, scale,
                            seed_tensor(seed, dropout_p, x), dropout_p, bool(dropout_after_core))
+
+
+# ---------------------------------------------------------------------------------------------
+# triton backend (kernels/lowrank.py), when triton imports
+
+try:
+    from pyadapt.kernels import lowrank as _triton_kernels
+except ImportError:  # triton missing, or pyadapt.kernels not installed
+    _triton_kernels = None
+
+if _triton_kernels is not None:
+    register("lowrank_forward", "triton", _triton_kernels.forward)
+    register("lowrank_backward", "triton", _triton_kernels.backward)
