@@ -55,3 +55,37 @@ def _fresh_seed(request):
     """Each test draws its own random data, deterministically per test name."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     yield
+
+
+@pytest.fixture
+def poison_allocations(monkeypatch):
+    """poison(kernel_module) makes the module's allocation hook `_new` fill every buffer it
+    allocates (outputs, workspaces, partials) with NaN, so an element a kernel leaves unwritten,
+    or reads before writing, fails the comparison. Returns the list of allocated buffers."""
+    def poison(module):
+        allocated = []
+
+        def poisoned(t):
+            allocated.append(t)
+            return t.fill_(float("nan"))
+
+        monkeypatch.setattr(module, "_new", poisoned)
+        return allocated
+    return poison
+
+
+@pytest.fixture
+def dot_tile_shapes(monkeypatch):
+    """spy(kernel_module) records the operand shapes of every `_dot` the module's kernels trace
+    (the GPU compiler rejects tl.dot tiles below 16). Returns the list of (a.shape, b.shape)."""
+    def spy(module):
+        shapes = []
+        original = module._dot
+
+        def recording(a, b, dot_dtype):
+            shapes.append((tuple(a.shape), tuple(b.shape)))
+            return original(a, b, dot_dtype)
+
+        monkeypatch.setattr(module, "_dot", recording)
+        return shapes
+    return spy

@@ -253,15 +253,9 @@ def test_bf16_rounds_to_nearest_even_like_torch():
         f"bf16 rounding: {out.view(-1).tolist()} != {ref.view(-1).tolist()}")
 
 
-def test_poisoned_outputs_every_element_is_written(monkeypatch):
+def test_poisoned_outputs_every_element_is_written(poison_allocations):
     """Outputs start as NaN (through the shared `_new` hook): an unwritten element fails."""
-    allocated = []
-
-    def poisoned(t):
-        allocated.append(t)
-        return t.fill_(float("nan"))
-
-    monkeypatch.setattr(F, "_new", poisoned)
+    allocated = poison_allocations(F)
     ws, ls, rs, scales = make_items(SHAPES, torch.float32)
     check_items(F.fold(ws, ls, rs, scales), ws, ls, rs, scales, "poisoned")
     assert len(allocated) == len(SHAPES), "the launcher did not allocate through _new"
@@ -275,16 +269,9 @@ def test_inputs_are_untouched():
         assert bits_equal(t, b), f"input tensor {i} was modified"
 
 
-def test_every_dot_tile_dimension_is_at_least_16(monkeypatch):
+def test_every_dot_tile_dimension_is_at_least_16(dot_tile_shapes):
     """k = 1, a single row and a single column must still give tl.dot tiles >= 16."""
-    shapes = []
-    original = F._dot
-
-    def spy(a, b, dot_dtype):
-        shapes.append((tuple(a.shape), tuple(b.shape)))
-        return original(a, b, dot_dtype)
-
-    monkeypatch.setattr(F, "_dot", spy)
+    shapes = dot_tile_shapes(F)
     ws, ls, rs, scales = make_items([(1, 1, 1), (100, 1, 1), (1, 7, 3)], torch.float32)
     check_items(F.fold(ws, ls, rs, scales), ws, ls, rs, scales, "tiny")
     assert shapes, "no tl.dot was traced"

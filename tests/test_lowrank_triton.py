@@ -263,32 +263,19 @@ def test_gradients_are_bit_identical_across_two_runs():
     Case(m=65, r2=None, needs=(True, False, True, True, False, True)),
     Case(m=1, d_in=8, d_out=8, r1=1, r2=1),
 ], ids=lambda c: c.id())
-def test_poisoned_outputs_every_element_is_written(case, monkeypatch):
+def test_poisoned_outputs_every_element_is_written(case, poison_allocations):
     """Every buffer the launchers allocate (outputs, workspaces, partials) starts as NaN: an
     element the kernels leave unwritten, or a workspace element read before it is written,
     makes the comparison fail."""
-    allocated = []
-
-    def poisoned(t):
-        allocated.append(t)
-        return t.fill_(float("nan"))
-
-    monkeypatch.setattr(K, "_new", poisoned)
+    allocated = poison_allocations(K)
     run_and_compare(case)
     assert len(allocated) >= 7, "the launchers did not allocate through _new"
 
 
-def test_every_dot_tile_dimension_is_at_least_16(monkeypatch):
+def test_every_dot_tile_dimension_is_at_least_16(dot_tile_shapes):
     """The GPU compiler rejects tl.dot tiles below 16: r = 1, in = out = 8, M = 1 must still give
     16-wide operands (ranks padded to R1_PAD / R2_PAD inside the kernels)."""
-    shapes = []
-    original = K._dot
-
-    def spy(a, b, dot_dtype):
-        shapes.append((tuple(a.shape), tuple(b.shape)))
-        return original(a, b, dot_dtype)
-
-    monkeypatch.setattr(K, "_dot", spy)
+    shapes = dot_tile_shapes(K)
     run_and_compare(Case(m=1, d_in=8, d_out=8, r1=1, r2=1, dropout=0.5))
     assert shapes, "no tl.dot was traced"
     small = [s for s in shapes if min(s[0] + s[1]) < 16]
