@@ -48,7 +48,8 @@ class FusedAdapter(AdapterModule):
         scale = check.finite("scale", scale)
         if shared is not None:
             if not isinstance(shared, nn.Linear):
-                raise TypeError(f"shared: expected an nn.Linear or None, got {type(shared).__name__}")
+                raise TypeError(f"shared: expected an nn.Linear or None, got "
+                                f"{type(shared).__name__}")
             if (shared.in_features, shared.out_features) != (bottleneck, bottleneck):
                 raise ValueError(f"shared: expected nn.Linear({bottleneck}, {bottleneck}) "
                                  f"(bottleneck x bottleneck), got nn.Linear("
@@ -116,7 +117,8 @@ class FusedAdapter(AdapterModule):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, bottleneck={self.bottleneck}, "
                 f"activation={self.activation}, dropout={self.dropout}, "
-                f"shared={self.shared is not None}, grad_scale_invariant={self.grad_scale_invariant}")
+                f"shared={self.shared is not None}, "
+                f"grad_scale_invariant={self.grad_scale_invariant}")
 
 
 class MultiModalAdapter(nn.Module):

@@ -24,8 +24,8 @@ class MPMNCELoss(nn.Module):
     normalize=False. Normalising features that the model already normalised changes neither
     the loss nor the gradients of the model's parameters (the normalisation's projection is
     idempotent); the gradient with respect to the unit vectors themselves becomes its
-    tangential part g - f <f, g>. Uses log-softmax: finite inputs never give NaN. Defaults are the ImageNet recipe
-    (eps 0.02, delta 0.05)."""
+    tangential part g - f <f, g>. Uses log-softmax: finite inputs never give NaN. Defaults are
+    the ImageNet recipe (eps 0.02, delta 0.05)."""
 
     def __init__(self, temperature: float = 0.01, margin: float = 0.05,
                  label_smoothing: float = 0.02, normalize: bool = True):

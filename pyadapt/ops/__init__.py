@@ -1,9 +1,9 @@
 """Every fused computation of pyadapt, declared once as a torch.library custom op.
 
-One module per op: `bottleneck` (bottleneck adapter and MMA), `radapter` (frozen linear + R-Adapter),
-`lowrank` (frozen linear + LoRA / CP / Tucker-core adapter), `fold` (grouped weight folding) and
-`mpm_nce` (the loss). Each registers its backends with `_registry`; the checked entry points
-below are what the modules call.
+One module per op: `bottleneck` (bottleneck adapter and MMA), `radapter` (frozen linear +
+R-Adapter), `lowrank` (frozen linear + LoRA / CP / Tucker-core adapter), `fold` (grouped
+weight folding) and `mpm_nce` (the loss). Each registers its backends with `_registry`; the
+checked entry points below are what the modules call.
 """
 
 from ._registry import (available_backends, backend_for, current_backend, kernel_table,

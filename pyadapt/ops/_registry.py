@@ -13,6 +13,7 @@ for an op falls back to `reference` for that op; `kernel_table()` shows what run
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import threading
 from typing import Callable, Dict, Iterator
@@ -37,6 +38,18 @@ def register(op: str, backend: str, fn: Callable) -> None:
         raise ValueError(f"backend: expected one of {BACKENDS[1:]}, got {backend!r}")
     _kernels.setdefault(op, {})[backend] = fn
     _available.setdefault(backend, _usable(backend))
+
+
+def register_from(backend: str, module_name: str, kernels: Dict[str, str]) -> bool:
+    """Register `backend`'s kernels {op: function name} from an optional module, whose import
+    fails when the backend's toolchain (e.g. triton) is missing. Returns whether it imported."""
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return False
+    for op, attr in kernels.items():
+        register(op, backend, getattr(module, attr))
+    return True
 
 
 def _usable(backend: str) -> bool:

@@ -13,7 +13,7 @@ import torch
 
 from .. import _validate as check
 from .. import reference
-from ._registry import kernel_for, register
+from ._registry import kernel_for, register, register_from
 
 Tensor = torch.Tensor
 
@@ -69,13 +69,5 @@ def fold(weights: List[Tensor], lefts: List[Tensor], rights: List[Tensor],
     return fold_weights(list(weights), list(lefts), list(rights), scales)
 
 
-# ---------------------------------------------------------------------------------------------
 # triton backend (kernels/fold.py), when triton imports
-
-try:
-    from pyadapt.kernels import fold as _triton_kernels
-except ImportError:  # triton missing, or pyadapt.kernels not installed
-    _triton_kernels = None
-
-if _triton_kernels is not None:
-    register("fold_weights", "triton", _triton_kernels.fold)
+register_from("triton", "pyadapt.kernels.fold", {"fold_weights": "fold"})

@@ -15,7 +15,7 @@ import torch
 from .. import _validate as check
 from .. import reference
 from . import _grads
-from ._registry import kernel_for, register
+from ._registry import kernel_for, register, register_from
 from ._scalars import seed_tensor
 
 Tensor = torch.Tensor
@@ -26,7 +26,8 @@ def lowrank_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], down: Ten
                     core: Optional[Tensor], up: Tensor, scale: float, seed: Optional[Tensor],
                     dropout_p: float, dropout_after_core: bool) -> Tensor:
     fn = kernel_for("lowrank_forward", x.device.type)
-    return fn(x, weight, bias, down, core, up, scale, seed, dropout_p, dropout_after_core).contiguous()
+    y = fn(x, weight, bias, down, core, up, scale, seed, dropout_p, dropout_after_core)
+    return y.contiguous()
 
 
 @lowrank_forward.register_fake
@@ -124,14 +125,6 @@ def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], down: Tens
                            seed_tensor(seed, dropout_p, x), dropout_p, bool(dropout_after_core))
 
 
-# ---------------------------------------------------------------------------------------------
 # triton backend (kernels/lowrank.py), when triton imports
-
-try:
-    from pyadapt.kernels import lowrank as _triton_kernels
-except ImportError:  # triton missing, or pyadapt.kernels not installed
-    _triton_kernels = None
-
-if _triton_kernels is not None:
-    register("lowrank_forward", "triton", _triton_kernels.forward)
-    register("lowrank_backward", "triton", _triton_kernels.backward)
+register_from("triton", "pyadapt.kernels.lowrank",
+              {"lowrank_forward": "forward", "lowrank_backward": "backward"})

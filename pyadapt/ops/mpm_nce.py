@@ -92,7 +92,8 @@ def mpm_nce(image: Tensor, text: Tensor, positives: Tensor, *, logit_scale: floa
     check.shape("positives", positives, (n, n), "N x N for N = image.shape[0]")
     check.same_device("positives", positives, "image", image)
     if n == 0:
-        raise ValueError("image: expected at least one row (the loss of an empty batch is undefined)")
+        raise ValueError("image: expected at least one row (the loss of an empty batch is "
+                         "undefined)")
     logit_scale = check.finite("logit_scale", logit_scale)
     if logit_scale <= 0:
         raise ValueError(f"logit_scale: expected > 0, got {logit_scale}")

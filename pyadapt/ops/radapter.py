@@ -14,7 +14,7 @@ import torch
 from .. import _validate as check
 from .. import reference
 from . import _grads
-from ._registry import kernel_for, register
+from ._registry import kernel_for, register, register_from
 from ._scalars import effective_scale, split_scale
 
 Tensor = torch.Tensor
@@ -86,7 +86,8 @@ def _reference_backward(grad_y, x, base_weight, base_bias, full_weight, down_wei
                         scale, scale_value, row_scale, needs):
     grads = reference.radapter_backward(grad_y, x, base_weight, base_bias, full_weight,
                                         down_weight, up_weight,
-                                        scale=effective_scale(scale, scale_value, x), row_scale=row_scale)
+                                        scale=effective_scale(scale, scale_value, x),
+                                        row_scale=row_scale)
     inputs = [x, base_weight, base_bias, full_weight, down_weight, up_weight, scale]
     return _grads.pack(grads, inputs, needs, x)
 
@@ -133,3 +134,8 @@ def radapter(x: Tensor, base_weight: Tensor, base_bias: Optional[Tensor], *,
     scale_t, scale_value = split_scale(scale, x)
     return radapter_forward(x, base_weight, base_bias, full_weight, down_weight, up_weight, scale_t,
                             scale_value, row_scale)
+
+
+# triton backend (kernels/radapter.py), when triton imports
+register_from("triton", "pyadapt.kernels.radapter",
+              {"radapter_forward": "forward", "radapter_backward": "backward"})
