@@ -1,4 +1,6 @@
-"""The bottleneck / MMA adapter op: y = residual + scale * row_scale * up(drop(act(shared?(act(down(x)))))).
+"""The bottleneck / MMA adapter op:
+
+    y = residual + scale * row_scale * up(drop(act(shared?(act(down(x))))))
 
 Declared once as `pyadapt::bottleneck_forward` and `pyadapt::bottleneck_backward` custom ops with
 fake-tensor rules and registered autograd. The body of each asks the registry which backend runs
@@ -14,7 +16,7 @@ import torch
 from .. import _validate as check
 from .. import reference
 from . import _grads
-from ._registry import kernel_for, register
+from ._registry import kernel_for, register, register_from
 from ._scalars import effective_scale, seed_tensor, split_scale
 
 Tensor = torch.Tensor
@@ -179,15 +181,55 @@ def bottleneck(x: Tensor, down_weight: Tensor, down_bias: Optional[Tensor], up_w
                               dropout_p, bool(grad_scale_invariant))
 
 
+# triton backend (kernels/bottleneck.py), when triton imports
+register_from("triton", "pyadapt.kernels.bottleneck",
+              {"bottleneck_forward": "forward", "bottleneck_backward": "backward"})
+
 
 # ---------------------------------------------------------------------------------------------
-# triton backend (kernels/bottleneck.py), when triton imports
+# cpu backend (csrc/cpu/bottleneck.cpp), when the native extension was built. It computes
+# float32 and float64 with a residual of x's dtype (or none); any other case (bf16/fp16, a
+# residual of another dtype, non-CPU tensors) runs the reference.
 
-try:
-    from pyadapt.kernels import bottleneck as _triton_kernels
-except ImportError:  # triton missing, or pyadapt.kernels not installed
-    _triton_kernels = None
+from . import _native  # noqa: E402
 
-if _triton_kernels is not None:
-    register("bottleneck_forward", "triton", _triton_kernels.forward)
-    register("bottleneck_backward", "triton", _triton_kernels.backward)
+
+def _cpu_covers(x, residual) -> bool:
+    return (x.device.type == "cpu" and x.dtype in _native.CPU_DTYPES
+            and (residual is None or residual.dtype == x.dtype))
+
+
+def _scale_float(scale, scale_value, x) -> float:
+    return scale_value if scale is None else float(scale.to(x.dtype))
+
+
+def _cpu_forward(x, residual, down_weight, down_bias, shared_weight, shared_bias, up_weight,
+                 up_bias, scale, scale_value, row_scale, seed, activation, dropout_p):
+    if not _cpu_covers(x, residual):
+        return _reference_forward(x, residual, down_weight, down_bias, shared_weight, shared_bias,
+                                  up_weight, up_bias, scale, scale_value, row_scale, seed,
+                                  activation, dropout_p)
+    return _native.ops().bottleneck_forward(
+        x, residual, down_weight, down_bias, shared_weight, shared_bias, up_weight, up_bias,
+        _scale_float(scale, scale_value, x), row_scale, seed, activation, float(dropout_p))
+
+
+def _cpu_backward(grad_y, x, has_residual, down_weight, down_bias, shared_weight, shared_bias,
+                  up_weight, up_bias, scale, scale_value, row_scale, seed, activation, dropout_p,
+                  grad_scale_invariant, needs):
+    if not _cpu_covers(x, None):
+        return _reference_backward(grad_y, x, has_residual, down_weight, down_bias, shared_weight,
+                                   shared_bias, up_weight, up_bias, scale, scale_value, row_scale,
+                                   seed, activation, dropout_p, grad_scale_invariant, needs)
+    grads = _native.ops().bottleneck_backward(
+        grad_y, x, has_residual, down_weight, down_bias, shared_weight, shared_bias, up_weight,
+        up_bias, _scale_float(scale, scale_value, x), row_scale, seed, activation,
+        float(dropout_p), bool(grad_scale_invariant), bool(needs[0]),
+        scale is not None and bool(needs[7]))
+    inputs = [x, down_weight, down_bias, shared_weight, shared_bias, up_weight, up_bias, scale]
+    return _grads.pack(grads, inputs, needs, x)
+
+
+if _native.available:
+    register("bottleneck_forward", "cpu", _cpu_forward)
+    register("bottleneck_backward", "cpu", _cpu_backward)
