@@ -457,7 +457,8 @@ def backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], 
         from pyadapt import reference
         grads = reference.lowrank_linear_backward(grad_y, x, weight, bias, down, core, up,
                                                   scale=scale, dropout_p=dropout_p, seed=seed,
-                                                  dropout_after_core=dropout_after_core)
+                                                  dropout_after_core=dropout_after_core,
+                                                  needs=needs)
         return _grads.pack(grads, inputs, needs, x)
     d_in, d_out, r1, r2 = _check_shapes(x, weight, bias, down, core, up)
     m = x.shape[0]

@@ -232,8 +232,10 @@ def radapter_forward(x: Tensor, base_weight: Tensor, base_bias: Optional[Tensor]
 def radapter_backward(grad_y: Tensor, x: Tensor, base_weight: Tensor, base_bias: Optional[Tensor],
                       full_weight: Optional[Tensor], down_weight: Optional[Tensor],
                       up_weight: Optional[Tensor], *, scale: Tensor | float,
-                      row_scale: Optional[Tensor]) -> list[Optional[Tensor]]:
-    """Gradients of radapter_forward: [dx, dW_o, db_o, dW_f, dW_d, dW_u, dscale].
+                      row_scale: Optional[Tensor],
+                      needs: Optional[Sequence[bool]] = None) -> list[Optional[Tensor]]:
+    """Gradients of radapter_forward: [dx, dW_o, db_o, dW_f, dW_d, dW_u, dscale]. The frozen
+    base's dW_o, db_o (a full GEMM) are computed only where `needs` asks for them (default: all).
 
     g_q = scale * row_scale * g; full: dW_f = g_q^T z, dz = g + g_q W_f; low rank with
     t = z W_d^T: dW_u = g_q^T t, dt = g_q W_u, dW_d = dt^T z, dz = g + dt W_d;
@@ -254,8 +256,10 @@ def radapter_backward(grad_y: Tensor, x: Tensor, base_weight: Tensor, base_bias:
         d_down = dt.T @ z
         dz = grad_y + dt @ down_weight
     d_scale = (g_row * q).sum()
-    d_base_b = dz.sum(0) if base_bias is not None else None
-    return [dz @ base_weight, dz.T @ x, d_base_b, d_full, d_down, d_up, d_scale]
+    need_w, need_b = (True, True) if needs is None else (needs[1], needs[2])
+    d_base_w = dz.T @ x if need_w else None
+    d_base_b = dz.sum(0) if base_bias is not None and need_b else None
+    return [dz @ base_weight, d_base_w, d_base_b, d_full, d_down, d_up, d_scale]
 
 
 def drop_multiplier(shape: Sequence[int], granularity: str, p: float, *, batch_first: bool = True,
@@ -309,8 +313,10 @@ def lowrank_linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], do
 def lowrank_linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
                             down: Tensor, core: Optional[Tensor], up: Tensor, *, scale: float,
                             dropout_p: float, seed: Tensor | int | None,
-                            dropout_after_core: bool) -> list[Optional[Tensor]]:
-    """Gradients of lowrank_linear_forward: [dx, dW, db, dA, dK, dB].
+                            dropout_after_core: bool,
+                            needs: Optional[Sequence[bool]] = None) -> list[Optional[Tensor]]:
+    """Gradients of lowrank_linear_forward: [dx, dW, db, dA, dK, dB]. The frozen base's dW, db
+    (a full GEMM) are computed only where `needs` asks for them (default: all).
 
     With u = x A^T, D the dropout factors and p the rank-space input of B:
     dB = scale g^T p, g_p = scale g B; after the core: g_p0 = g_p D, dK = u^T g_p0,
@@ -335,8 +341,10 @@ def lowrank_linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Opt
         du = du * keep
     d_down = du.T @ x
     dx = grad_y @ weight + du @ down
-    d_bias = grad_y.sum(0) if bias is not None else None
-    return [dx, grad_y.T @ x, d_bias, d_down, d_core, d_up]
+    need_w, need_b = (True, True) if needs is None else (needs[1], needs[2])
+    d_weight = grad_y.T @ x if need_w else None
+    d_bias = grad_y.sum(0) if bias is not None and need_b else None
+    return [dx, d_weight, d_bias, d_down, d_core, d_up]
 
 
 def tucker_core(core: Tensor, lam: Tensor) -> Tensor:

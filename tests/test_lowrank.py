@@ -725,3 +725,17 @@ def test_lowrank_linear_rejects_seed_outside_philox_range(seed):
     x, W, b, A, K, B = make(4, 6, 5, 3, 3)
     with pytest.raises(ValueError, match=r"^seed: "):
         ops.lowrank_linear(x, W, b, A, K, B, dropout_p=0.5, seed=torch.tensor(seed))
+
+
+def test_reference_backward_skips_the_frozen_base_gradients_it_is_not_asked_for():
+    """needs = [x, W, b, A, K, B]: a frozen base costs no dW = g^T x GEMM; the rest is unchanged."""
+    x, W, b = torch.randn(9, 12, dtype=F64), torch.randn(10, 12, dtype=F64), torch.randn(10, dtype=F64)
+    A, K, B = torch.randn(4, 12, dtype=F64), torch.randn(4, 5, dtype=F64), torch.randn(10, 5, dtype=F64)
+    g = torch.randn(9, 10, dtype=F64)
+    kw = dict(scale=0.7, dropout_p=0.0, seed=None, dropout_after_core=True)
+    full = reference.lowrank_linear_backward(g, x, W, b, A, K, B, **kw)
+    lean = reference.lowrank_linear_backward(g, x, W, b, A, K, B, needs=[True, False, False,
+                                                                          True, True, True], **kw)
+    assert lean[1] is None and lean[2] is None, "dW/db computed although not needed"
+    for i in (0, 3, 4, 5):
+        assert torch.equal(lean[i], full[i]), f"gradient {i} changed when dW/db are skipped"

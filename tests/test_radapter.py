@@ -707,3 +707,16 @@ def test_bad_inputs_op():
         pyadapt.ops.radapter(x, w_o, b_o, full_weight=w_f, scale=float("nan"))
     with pytest.raises(ValueError, match=r"full_weight"):
         pyadapt.ops.radapter(x, w_o, b_o)
+
+
+def test_reference_backward_skips_the_frozen_base_gradients_it_is_not_asked_for():
+    """needs = [x, W_o, b_o, W_f, W_d, W_u, scale]: a frozen base costs no dW_o GEMM."""
+    f64 = torch.float64
+    x, w_o, b_o = torch.randn(9, 12, dtype=f64), torch.randn(10, 12, dtype=f64), torch.randn(10, dtype=f64)
+    w_f, g = torch.randn(10, 10, dtype=f64), torch.randn(9, 10, dtype=f64)
+    full = reference.radapter_backward(g, x, w_o, b_o, w_f, None, None, scale=0.3, row_scale=None)
+    lean = reference.radapter_backward(g, x, w_o, b_o, w_f, None, None, scale=0.3, row_scale=None,
+                                       needs=[True, False, False, True, False, False, True])
+    assert lean[1] is None and lean[2] is None, "dW_o/db_o computed although not needed"
+    for i in (0, 3, 6):
+        assert torch.equal(lean[i], full[i]), f"gradient {i} changed when dW_o/db_o are skipped"

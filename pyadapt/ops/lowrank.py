@@ -82,7 +82,8 @@ def _reference_backward(grad_y, x, weight, bias, down, core, up, scale, seed, dr
                         dropout_after_core, needs):
     grads = reference.lowrank_linear_backward(grad_y, x, weight, bias, down, core, up,
                                               scale=scale, dropout_p=dropout_p, seed=seed,
-                                              dropout_after_core=dropout_after_core)
+                                              dropout_after_core=dropout_after_core,
+                                              needs=needs)
     return _grads.pack(grads, [x, weight, bias, down, core, up], needs, x)
 
 

@@ -87,7 +87,7 @@ def _reference_backward(grad_y, x, base_weight, base_bias, full_weight, down_wei
     grads = reference.radapter_backward(grad_y, x, base_weight, base_bias, full_weight,
                                         down_weight, up_weight,
                                         scale=effective_scale(scale, scale_value, x),
-                                        row_scale=row_scale)
+                                        row_scale=row_scale, needs=needs)
     inputs = [x, base_weight, base_bias, full_weight, down_weight, up_weight, scale]
     return _grads.pack(grads, inputs, needs, x)
 
