@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .bottleneck import (_INTERPRET, _TL_DTYPES, _acc_dtype, _dot, _dot_dtype,
+from .bottleneck import (_INTERPRET, _TL_DTYPES, _acc_dtype, _bwd_configs, _dot, _dot_dtype,
                          _dropout_multiplier, _host_double, _load_tile, _or, _r_pad,
                          _reduce_partials_kernel, _sm_count, _split_double)
 
@@ -161,14 +161,6 @@ def _lowrank_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # Backward kernels
 # ----------------------------------------------------------------------------------------------
-
-def _bwd_configs():
-    # Block sizes are chosen by the launcher (they fix the order of every sum: determinism);
-    # autotuning only varies warps and pipelining, which leave that order unchanged.
-    if _INTERPRET:
-        return [triton.Config({}, num_warps=4)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (4, 3), (8, 2))]
-
 
 @triton.autotune(configs=_bwd_configs(), key=["IN", "OUT", "R1", "R2"])
 @triton.jit

@@ -89,3 +89,20 @@ def dot_tile_shapes(monkeypatch):
         monkeypatch.setattr(module, "_dot", recording)
         return shapes
     return spy
+
+
+@pytest.fixture
+def forbid_launches(monkeypatch):
+    """forbid(module, *kernel_names) replaces those Triton kernels by objects whose launch
+    (kernel[grid](...)) fails the test: for checking that a path launches nothing."""
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a Triton kernel was launched on CPU without the interpreter")
+
+    class NoKernel:
+        def __getitem__(self, grid):
+            return no_launch
+
+    def forbid(module, *names):
+        for name in names:
+            monkeypatch.setattr(module, name, NoKernel())
+    return forbid

@@ -290,17 +290,10 @@ def test_launcher_refuses_inconsistent_shapes():
         F.fold([w], [left], [torch.randn(3, 6)], torch.ones(2, dtype=F64))
 
 
-def test_cpu_without_the_interpreter_falls_back_to_the_reference(monkeypatch):
-    def no_launch(*args, **kwargs):
-        raise AssertionError("a Triton kernel was launched on CPU without the interpreter")
-
-    class NoKernel:
-        def __getitem__(self, grid):
-            return no_launch
-
+def test_cpu_without_the_interpreter_falls_back_to_the_reference(monkeypatch, forbid_launches):
     monkeypatch.setattr(K, "_INTERPRET", False)   # read by _runs_here
     monkeypatch.setattr(F, "_INTERPRET", False)
-    monkeypatch.setattr(F, "_fold_kernel", NoKernel())
+    forbid_launches(F, "_fold_kernel")
     ws, ls, rs, scales = make_items(SHAPES, torch.float32)
     for i, (out, ref) in enumerate(zip(F.fold(ws, ls, rs, scales),
                                        fold_reference_backend(ws, ls, rs, scales))):

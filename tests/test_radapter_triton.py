@@ -250,18 +250,11 @@ def test_poisoned_outputs_every_element_is_written(case, poison_allocations):
     assert len(allocated) >= 8, "the launchers did not allocate through _new"
 
 
-def test_cpu_without_the_interpreter_falls_back_to_the_reference(monkeypatch):
-    def no_launch(*args, **kwargs):
-        raise AssertionError("a Triton kernel was launched on CPU without the interpreter")
-
-    class NoKernel:
-        def __getitem__(self, grid):
-            return no_launch
-
+def test_cpu_without_the_interpreter_falls_back_to_the_reference(monkeypatch, forbid_launches):
     monkeypatch.setattr(K, "_INTERPRET", False)
     monkeypatch.setattr(K, "_runs_here", lambda t: t.is_cuda)
-    monkeypatch.setattr(K, "_mix_gemm_kernel", NoKernel())
-    monkeypatch.setattr(K._fold, "_fold_kernel", NoKernel())
+    forbid_launches(K, "_mix_gemm_kernel")
+    forbid_launches(K._fold, "_fold_kernel")
     for rank in (None, 7):
         c = Case(dtype=torch.float32, rank=rank, rows="mask", learn=True)
         a = make_inputs(c)
