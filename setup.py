@@ -21,7 +21,7 @@ from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-packages = ["pyadapt", "pyadapt.ops"]
+packages = ["pyadapt", "pyadapt.ops", "pyadapt.integrations"]
 package_dir = {"pyadapt": "pyadapt"}
 if os.path.isfile(os.path.join(HERE, "kernels", "__init__.py")):
     packages.append("pyadapt.kernels")

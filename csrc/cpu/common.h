@@ -1,0 +1,222 @@
+// Building blocks shared by the fused CPU kernels in csrc/cpu: activations (the reference's
+// formulas), the counter-based dropout mask (Philox4x32-10, bit-equal to Triton's tl.rand and
+// pyadapt.reference.philox_uniform), and register-blocked row-times-matrix micro-kernels whose
+// summation order depends on the shapes only (deterministic, thread-count independent).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+namespace pyadapt {
+namespace cpu {
+
+enum class Act { Relu, Gelu, QuickGelu, Silu, Identity };
+
+inline Act parse_act(const std::string& name) {
+  if (name == "relu") return Act::Relu;
+  if (name == "gelu") return Act::Gelu;
+  if (name == "quick_gelu") return Act::QuickGelu;
+  if (name == "silu") return Act::Silu;
+  if (name == "identity") return Act::Identity;
+  TORCH_CHECK(false, "activation: unknown activation ", name);
+}
+
+template <typename T>
+inline T act_fwd(T h, Act a) {
+  switch (a) {
+    case Act::Relu: return h > T(0) ? h : T(0);
+    case Act::Gelu: return T(0.5) * h * (T(1) + std::erf(h * T(0.70710678118654752440)));
+    case Act::QuickGelu: return h / (T(1) + std::exp(-T(1.702) * h));
+    case Act::Silu: return h / (T(1) + std::exp(-h));
+    default: return h;
+  }
+}
+
+template <typename T>
+inline T act_grad(T h, Act a) {
+  switch (a) {
+    case Act::Relu: return h > T(0) ? T(1) : T(0);
+    case Act::Gelu: {
+      T cdf = T(0.5) * (T(1) + std::erf(h * T(0.70710678118654752440)));
+      T pdf = std::exp(T(-0.5) * h * h) * T(0.39894228040143267794);
+      return cdf + h * pdf;
+    }
+    case Act::QuickGelu:
+    case Act::Silu: {
+      T k = a == Act::QuickGelu ? T(1.702) : T(1);
+      T s = T(1) / (T(1) + std::exp(-k * h));
+      return s + k * h * s * (T(1) - s);
+    }
+    default: return T(1);
+  }
+}
+
+// Philox4x32-10, counter (offset_lo, offset_hi, 0, 0), key (seed_lo, seed_hi): Triton's tl.rand.
+inline float philox_uniform(uint64_t seed, uint64_t offset) {
+  uint32_t c0 = uint32_t(offset), c1 = uint32_t(offset >> 32), c2 = 0, c3 = 0;
+  uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+  for (int i = 0; i < 10; ++i) {
+    uint64_t pb = uint64_t(c2) * 0xCD9E8D57u;
+    uint64_t pa = uint64_t(c0) * 0xD2511F53u;
+    uint32_t n0 = uint32_t(pb >> 32) ^ c1 ^ k0;
+    uint32_t n1 = uint32_t(pb);
+    uint32_t n2 = uint32_t(pa >> 32) ^ c3 ^ k1;
+    uint32_t n3 = uint32_t(pa);
+    c0 = n0; c1 = n1; c2 = n2; c3 = n3;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  int32_t v = int32_t(c0);
+  if (v < 0) v = -v - 1;
+  return float(v) * 4.6566127342e-10f;
+}
+
+
+// out[j] = init[j] (or 0) + sum_k coef[k] * W[k * ld + j] for j < n, k < K: the row-vector times
+// matrix product every pass is made of. Columns go in slices of kCols kept in registers across
+// the k loop (a constant trip count that gcc vectorises and keeps in vector registers); k runs
+// in blocks of kb whose sums are added to the total (a blocked sum, more accurate than one long
+// running sum over d). The summation order depends on the shapes only: deterministic.
+constexpr int64_t kCols = 32;
+
+template <typename T, int64_t S>
+inline void combo_slice(const T* __restrict__ coef, int64_t K, int64_t kb,
+                        const T* __restrict__ W, int64_t ld, const T* __restrict__ init,
+                        T* __restrict__ out) {
+  T tot[S];
+  for (int64_t t = 0; t < S; ++t) tot[t] = init ? init[t] : T(0);
+  for (int64_t k0 = 0; k0 < K; k0 += kb) {
+    const int64_t k1 = std::min(K, k0 + kb);
+    T acc[S] = {};
+    for (int64_t k = k0; k < k1; ++k) {
+      const T c = coef[k];
+      const T* __restrict__ w = W + k * ld;
+      for (int64_t t = 0; t < S; ++t) acc[t] += c * w[t];
+    }
+    for (int64_t t = 0; t < S; ++t) tot[t] += acc[t];
+  }
+  for (int64_t t = 0; t < S; ++t) out[t] = tot[t];
+}
+
+template <typename T>
+inline void combo(const T* __restrict__ coef, int64_t K, int64_t kb, const T* __restrict__ W,
+                  int64_t ld, const T* __restrict__ init, T* __restrict__ out, int64_t n) {
+  int64_t j0 = 0;
+  for (; j0 + kCols <= n; j0 += kCols)
+    combo_slice<T, kCols>(coef, K, kb, W + j0, ld, init ? init + j0 : nullptr, out + j0);
+  for (; j0 + 8 <= n; j0 += 8)
+    combo_slice<T, 8>(coef, K, kb, W + j0, ld, init ? init + j0 : nullptr, out + j0);
+  for (; j0 < n; ++j0)
+    combo_slice<T, 1>(coef, K, kb, W + j0, ld, init ? init + j0 : nullptr, out + j0);
+}
+
+
+// combo for `rows` rows at once: out[i * ldo + j] = init_i[j] + sum_k coef[i * ldc + k] W[k, j],
+// init_i = init + i * ldi (ldi = 0: one init row shared by all, e.g. a bias; init null: 0).
+// Groups of kRowGroup rows share each load of W and keep kRowGroup x S accumulators in
+// registers (independent FMA chains instead of one latency-bound chain). Each row's sums are
+// the same as combo's for that row, whatever the grouping.
+constexpr int64_t kRowGroup = 4;
+
+template <typename T, int64_t S, int64_t NR>
+inline void combo_group_slice(const T* __restrict__ coef, int64_t ldc, int64_t K, int64_t kb,
+                              const T* __restrict__ W, int64_t ld, const T* __restrict__ init,
+                              int64_t ldi, T* __restrict__ out, int64_t ldo) {
+  T tot[NR][S];
+  for (int64_t q = 0; q < NR; ++q)
+    for (int64_t t = 0; t < S; ++t) tot[q][t] = init ? init[q * ldi + t] : T(0);
+  for (int64_t k0 = 0; k0 < K; k0 += kb) {
+    const int64_t k1 = std::min(K, k0 + kb);
+    T acc[NR][S] = {};
+    for (int64_t k = k0; k < k1; ++k) {
+      const T* __restrict__ w = W + k * ld;
+      for (int64_t q = 0; q < NR; ++q) {
+        const T c = coef[q * ldc + k];
+        for (int64_t t = 0; t < S; ++t) acc[q][t] += c * w[t];
+      }
+    }
+    for (int64_t q = 0; q < NR; ++q)
+      for (int64_t t = 0; t < S; ++t) tot[q][t] += acc[q][t];
+  }
+  for (int64_t q = 0; q < NR; ++q)
+    for (int64_t t = 0; t < S; ++t) out[q * ldo + t] = tot[q][t];
+}
+
+template <typename T, int64_t NR>
+inline void combo_group(const T* __restrict__ coef, int64_t ldc, int64_t K, int64_t kb,
+                        const T* __restrict__ W, int64_t ld, const T* __restrict__ init,
+                        int64_t ldi, T* __restrict__ out, int64_t ldo, int64_t n) {
+  int64_t j0 = 0;
+  for (; j0 + kCols <= n; j0 += kCols)
+    combo_group_slice<T, kCols, NR>(coef, ldc, K, kb, W + j0, ld, init ? init + j0 : nullptr,
+                                    ldi, out + j0, ldo);
+  for (; j0 + 8 <= n; j0 += 8)
+    combo_group_slice<T, 8, NR>(coef, ldc, K, kb, W + j0, ld, init ? init + j0 : nullptr, ldi,
+                                out + j0, ldo);
+  for (; j0 < n; ++j0)
+    combo_group_slice<T, 1, NR>(coef, ldc, K, kb, W + j0, ld, init ? init + j0 : nullptr, ldi,
+                                out + j0, ldo);
+}
+
+template <typename T>
+inline void combo_rows(int64_t rows, const T* coef, int64_t ldc, int64_t K, int64_t kb,
+                       const T* W, int64_t ld, const T* init, int64_t ldi, T* out, int64_t ldo,
+                       int64_t n) {
+  int64_t i = 0;
+  for (; i + kRowGroup <= rows; i += kRowGroup)
+    combo_group<T, kRowGroup>(coef + i * ldc, ldc, K, kb, W, ld, init ? init + i * ldi : nullptr,
+                              ldi, out + i * ldo, ldo, n);
+  for (; i < rows; ++i)
+    combo_group<T, 1>(coef + i * ldc, ldc, K, kb, W, ld, init ? init + i * ldi : nullptr, ldi,
+                      out + i * ldo, ldo, n);
+}
+
+// G[j * ldg + t] += sum_i a[i * lda + j] * b[i * ldb + t] for j < J, t < n, i < rows: a
+// rank-`rows` update of a partial weight gradient, each G slice loaded and stored once per block.
+template <typename T, int64_t S, int64_t NJ>
+inline void rank_update_slice(int64_t rows, const T* __restrict__ a, int64_t lda,
+                              const T* __restrict__ b, int64_t ldb, T* __restrict__ g,
+                              int64_t ldg) {
+  T acc[NJ][S];
+  for (int64_t q = 0; q < NJ; ++q)
+    for (int64_t t = 0; t < S; ++t) acc[q][t] = g[q * ldg + t];
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* __restrict__ bi = b + i * ldb;
+    for (int64_t q = 0; q < NJ; ++q) {
+      const T c = a[i * lda + q];
+      for (int64_t t = 0; t < S; ++t) acc[q][t] += c * bi[t];
+    }
+  }
+  for (int64_t q = 0; q < NJ; ++q)
+    for (int64_t t = 0; t < S; ++t) g[q * ldg + t] = acc[q][t];
+}
+
+template <typename T, int64_t NJ>
+inline void rank_update_group(int64_t rows, const T* __restrict__ a, int64_t lda,
+                              const T* __restrict__ b, int64_t ldb, T* __restrict__ gj,
+                              int64_t ldg, int64_t n) {
+  int64_t t0 = 0;
+  for (; t0 + kCols <= n; t0 += kCols)
+    rank_update_slice<T, kCols, NJ>(rows, a, lda, b + t0, ldb, gj + t0, ldg);
+  for (; t0 + 8 <= n; t0 += 8) rank_update_slice<T, 8, NJ>(rows, a, lda, b + t0, ldb, gj + t0, ldg);
+  for (; t0 < n; ++t0) rank_update_slice<T, 1, NJ>(rows, a, lda, b + t0, ldb, gj + t0, ldg);
+}
+
+// Groups of kRowGroup rows j of G share each load of b (independent FMA chains). Every element
+// of G sums its rows i in order: the result does not depend on the grouping.
+template <typename T>
+inline void rank_update(int64_t rows, int64_t J, const T* __restrict__ a, int64_t lda,
+                        const T* __restrict__ b, int64_t ldb, T* __restrict__ G, int64_t ldg,
+                        int64_t n) {
+  int64_t j = 0;
+  for (; j + kRowGroup <= J; j += kRowGroup)
+    rank_update_group<T, kRowGroup>(rows, a + j, lda, b, ldb, G + j * ldg, ldg, n);
+  for (; j < J; ++j) rank_update_group<T, 1>(rows, a + j, lda, b, ldb, G + j * ldg, ldg, n);
+}
+
+}  // namespace cpu
+}  // namespace pyadapt
