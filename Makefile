@@ -14,10 +14,11 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1 "numpy<2.4"
 # The second install also builds the native extension pyadapt._C (csrc/, CMake + ninja, ~30 s on
 # 2 cores); without cmake or a compiler it installs pure Python and tests/test_bottleneck_cpu.py
 # fails, saying why (PYADAPT_ALLOW_NO_NATIVE=1 skips it instead).
-$(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cpp csrc/*/*.cpp)
+$(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt \
+		$(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_PINS)
-	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -q --no-build-isolation -e ".[test,bench,clip]"
 	touch $@
 
 install: $(VENV)/.installed

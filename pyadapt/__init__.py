@@ -15,7 +15,10 @@ __version__ = "0.1.0"
 
 from . import ops, reference
 from .adapters import FusedAdapter, MultiModalAdapter
+from .bank import AdapterBank, LowRankAdapterBank, RAdapterBank
+from .checkpoint import load_adapters, save_adapters
 from .fold import AdapterEMA, adapter_state_dict, fold_, load_adapter_state_dict, unfold_
+from .inject import inject
 from .linear import (CPAdapter, CPLinear, ContextEnhancement, GatedQueryTransform, LowRankAdapter,
                      RAdapter)
 from .losses import MPMNCELoss
@@ -44,8 +47,8 @@ def build_info() -> dict:
     }
 
 
-__all__ = ["AdapterEMA", "CPAdapter", "CPLinear", "ContextEnhancement", "FusedAdapter",
+__all__ = ["AdapterBank", "AdapterEMA", "LowRankAdapterBank", "RAdapterBank", "CPAdapter", "CPLinear", "ContextEnhancement", "FusedAdapter",
            "GatedQueryTransform", "LowRankAdapter", "MPMNCELoss", "MultiModalAdapter",
            "RAdapter", "adapter_state_dict", "available_backends", "build_info",
-           "current_backend", "fold_", "load_adapter_state_dict", "ops", "reference",
-           "set_backend", "unfold_", "use_backend"]
+           "current_backend", "fold_", "inject", "load_adapter_state_dict", "load_adapters", "ops",
+           "reference", "save_adapters", "set_backend", "unfold_", "use_backend"]

@@ -6,6 +6,9 @@ model with `record(model, kind, config)`, and registers, once at import, how to 
 `register(kind, fn)` where `fn(model, **config)` attaches the same adapters to a fresh model.
 `save_adapters` writes `placements(model)` into the checkpoint's JSON header; `load_adapters`
 into a model without adapters calls `replay(model, entries)` before loading the tensors.
+Adapters attached in a way no JSON entry can describe (a callable target or factory given to
+`pyadapt.inject`) are noted with `unreplayable(model, reason)`; their checkpoints hold tensors
+only and load only into a model that already has the adapters.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any, Callable, Dict, List
 import torch.nn as nn
 
 ATTR = "_pyadapt_placements"
+UNREPLAYABLE_ATTR = "_pyadapt_unreplayable"
 
 _replayers: Dict[str, Callable[..., Any]] = {}
 # Modules that register replayers; imported on demand so that replaying a checkpoint works
@@ -39,6 +43,18 @@ def record(model: nn.Module, kind: str, config: Dict[str, Any]) -> None:
     entries.append({"kind": kind, "config": config})
     # object.__setattr__: a plain attribute, not a submodule/parameter/buffer of the model.
     object.__setattr__(model, ATTR, entries)
+
+
+def unreplayable(model: nn.Module, reason: str) -> None:
+    """Note that adapters were attached in a way no entry can describe (a callable target or
+    factory): a checkpoint of `model` can then hold tensors only."""
+    reasons = list(getattr(model, UNREPLAYABLE_ATTR, []))
+    reasons.append(str(reason))
+    object.__setattr__(model, UNREPLAYABLE_ATTR, reasons)
+
+
+def unreplayable_reasons(model: nn.Module) -> List[str]:
+    return list(getattr(model, UNREPLAYABLE_ATTR, []))
 
 
 def placements(model: nn.Module) -> List[Dict[str, Any]]:

@@ -171,6 +171,50 @@ class MultiModalAdapter(nn.Module):
     def text(self, i: int) -> FusedAdapter:
         return self._get(self.text_adapters, i)
 
+    def both(self, i: int, x_image: Tensor, x_text: Tensor,
+             residual_image: Optional[Tensor] = None,
+             residual_text: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """Layer i's image and text adapters in one op (pyadapt.ops.mma_pair; one launch on the
+        triton backend), for steps where both towers run: equal to (vision(i)(x_image,
+        residual_image), text(i)(x_text, residual_text)), the shared projection's gradient being
+        the sum of both branches'. x_image (..., vision_dim), x_text (..., text_dim). Adapter
+        dropout, row_scale and EMA evaluation are not part of this path: with any of them on,
+        the two adapters run separately."""
+        vision, text = self.vision(i), self.text(i)
+        separate = (vision.dropout > 0.0 or text.dropout > 0.0) and self.training
+        separate = separate or any(a._ema_in_eval and a._ema_shadow is not None and
+                                   not a.training for a in (vision, text))
+        if separate:
+            return vision(x_image, residual_image), text(x_text, residual_text)
+        xs, residuals = [], []
+        for name, a, x, res in (("x_image", vision, x_image, residual_image),
+                                ("x_text", text, x_text, residual_text)):
+            x2 = rows(name, x, a.in_features, "in_features")
+            res2 = None
+            if res is not None:
+                check.tensor(name.replace("x_", "residual_"), res)
+                check.shape(name.replace("x_", "residual_"), res, tuple(x.shape),
+                            f"the shape of {name}")
+                res2 = res.reshape(x2.shape)
+            xs.append(x2)
+            residuals.append(res2)
+        dtype = compute_dtype(x_image, vision.down.weight, "down.weight")
+        compute_dtype(x_text, text.down.weight, "down.weight")
+        shared = vision.shared
+
+        def w(t):
+            return cast(t, dtype)
+
+        y_v, y_t = ops.mma_pair(
+            cast(xs[0], dtype), cast(xs[1], dtype), w(vision.down.weight), w(vision.down.bias),
+            w(vision.up.weight), w(vision.up.bias), w(text.down.weight), w(text.down.bias),
+            w(text.up.weight), w(text.up.bias), w(shared.weight), w(shared.bias),
+            residual_v=residuals[0], residual_t=residuals[1], scale_v=vision.scale,
+            scale_t=text.scale, activation=vision.activation,
+            grad_scale_invariant=vision.grad_scale_invariant)
+        return (y_v.reshape(*x_image.shape[:-1], vision.in_features),
+                y_t.reshape(*x_text.shape[:-1], text.in_features))
+
     def forward(self, x: Tensor, layer: int, modality: str,
                 residual: Optional[Tensor] = None) -> Tensor:
         check.choice("modality", modality, ("vision", "text"))

@@ -87,3 +87,29 @@ def test_build_info_reports_backends_and_versions():
     assert info["backends"] == pyadapt.available_backends(), "build_info backends differ"
     assert info["torch"] == torch.__version__, "build_info torch version wrong"
     assert set(ops.CUSTOM_OPS) <= set(info["ops"]), "build_info misses ops"
+
+
+def test_backward_runs_on_the_backend_its_forward_saw(monkeypatch):
+    """Autograd runs CUDA backwards on its own threads, outside the caller's thread-local
+    use_backend: the backward must follow the choice recorded at forward time. Simulated on CPU
+    by running backward() in another thread, after the use_backend block has closed."""
+    import threading
+
+    from pyadapt.ops import _registry
+
+    seen = []
+    impls = _registry._kernels["bottleneck_backward"]
+    for name, fn in list(impls.items()):
+        def spy(*args, _name=name, _fn=fn, **kwargs):
+            seen.append(_name)
+            return _fn(*args, **kwargs)
+        monkeypatch.setitem(impls, name, spy)
+    adapter = pyadapt.FusedAdapter(24, 4).double()
+    x = torch.randn(5, 24, dtype=torch.float64, requires_grad=True)
+    with pyadapt.use_backend("reference"):
+        y = adapter(x)
+    worker = threading.Thread(target=lambda: y.square().sum().backward())
+    worker.start()
+    worker.join()
+    assert seen == ["reference"], f"backward ran on {seen}, forward used 'reference'"
+    assert x.grad is not None and torch.isfinite(x.grad).all(), "backward did not complete"

@@ -1,25 +1,37 @@
 // Fused CPU kernels of the bottleneck / MMA adapter op (pyadapt/ops/bottleneck.py):
 //   y = residual + scale * row_scale * up(drop(act(shared?(act(down(x))))))
 // Rows of x are processed in blocks of kRowBlock rows: a block's x rows, its bottleneck
-// activations (kRowBlock x r) and its output rows stay in cache across the down and up passes.
-// Blocks run in parallel (at::parallel_for). Every matrix product is a register-blocked
-// micro-kernel (combo_rows, rank_update: groups of 4 rows x 32 columns of accumulators with
-// constant trip counts) that gcc vectorises at -O3 -march=native. Weight gradients are reduced
-// deterministically: each reduction chunk (a fixed number of rows that depends only on M, never
-// on the thread count) accumulates its rows in order into its own partial buffer, and partials
-// are summed in chunk order, so gradients are bit-identical across runs and OMP thread counts.
-// Dropout regenerates the reference's counter-based Philox4x32-10 mask (Triton's tl.rand).
-// Covers float32 and float64 (accumulation in the storage type; bias gradients and dscale in
-// double); the Python glue falls back to the reference for other dtypes.
+// activations (kRowBlock x r) and its output rows stay in cache across the down and up passes,
+// so the forward reads x (and the residual) and writes y once, and the backward reads x and
+// grad_y and writes dx once. Blocks run in parallel (at::parallel_for). Every product is
+// gemm_acc (common.h): 6 x 16 register tiles of AVX2 FMAs, sums in an order fixed by the shapes.
+// Weight gradients are reduced deterministically: each reduction chunk (a fixed number of rows
+// that depends only on M, never on the thread count) accumulates its blocks in order into its
+// own partial buffer, and partials are summed in chunk order, so gradients are bit-identical
+// across runs and OMP thread counts. Dropout regenerates the reference's counter-based
+// Philox4x32-10 mask (Triton's tl.rand).
+// Storage dtypes: float32, float64, bfloat16, float16. Math runs in the compute type (float64
+// for float64 storage, float32 otherwise): low-precision rows are widened once into a block
+// buffer, and every output is rounded once to the storage dtype. Bias gradients and dscale are
+// summed in double.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 #include "common.h"
 
@@ -28,12 +40,85 @@ namespace {
 
 using namespace pyadapt::cpu;
 
-constexpr int64_t kRowBlock = 32;     // rows per cache block
-constexpr int64_t kMinChunkRows = 256;  // rows per deterministic reduction chunk (at least)
+constexpr int64_t kRowBlock = 48;       // rows per cache block (a multiple of kMicroRows)
+constexpr int64_t kMinChunkRows = 192;  // rows per deterministic reduction chunk (at least)
 constexpr int64_t kMaxChunks = 64;      // bound on partial buffers
+
+// PYADAPT_POISON_OUTPUTS=1 (tests): outputs and scratch start as NaN instead of uninitialised or
+// zero memory, so an element the kernel leaves unwritten, or a scratch value it reads before
+// writing, shows up in the comparison with the reference.
+inline bool poison_outputs() {
+  const char* v = std::getenv("PYADAPT_POISON_OUTPUTS");
+  return v != nullptr && v[0] == '1';
+}
+
+template <typename S>
+struct ComputeOf { using type = float; };
+template <>
+struct ComputeOf<double> { using type = double; };
+
+// Storage <-> compute conversions of a row. c10::Half's scalar conversion does not vectorise:
+// float16 uses the F16C instructions where the compiler targets them (round to nearest even,
+// as c10::Half does).
+template <typename S, typename C>
+inline void widen(const S* __restrict__ src, C* __restrict__ dst, int64_t n) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<S, C>) {
+    std::memcpy(dst, src, size_t(n) * sizeof(C));
+    return;
+  }
+#if defined(__F16C__)
+  if constexpr (std::is_same_v<S, c10::Half> && std::is_same_v<C, float>) {
+    for (; j + 8 <= n; j += 8)
+      _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(
+                                    reinterpret_cast<const __m128i*>(src + j))));
+  }
+#endif
+  for (; j < n; ++j) dst[j] = static_cast<C>(src[j]);
+}
+
+template <typename S, typename C>
+inline void narrow(const C* __restrict__ src, S* __restrict__ dst, int64_t n) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<S, C>) {
+    std::memcpy(dst, src, size_t(n) * sizeof(C));
+    return;
+  }
+#if defined(__F16C__)
+  if constexpr (std::is_same_v<S, c10::Half> && std::is_same_v<C, float>) {
+    for (; j + 8 <= n; j += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j),
+                       _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT));
+  }
+#endif
+  for (; j < n; ++j) dst[j] = static_cast<S>(src[j]);
+}
+
+// The storage as compute-type rows, when it is (null otherwise): the up projection and dx are
+// then accumulated straight into the output rows, with no tile and no copy.
+template <typename S, typename C>
+inline C* as_compute(S* p, int64_t d, int64_t dp) {
+  if constexpr (std::is_same_v<S, C>) {
+    return dp == d ? p : nullptr;
+  } else {
+    return nullptr;
+  }
+}
+
+// A storage row in the compute type: the row itself when the types agree, else widened into buf.
+template <typename S, typename C>
+inline const C* row_in_compute(const S* row, C* buf, int64_t n) {
+  if constexpr (std::is_same_v<S, C>) {
+    return row;
+  } else {
+    widen<S, C>(row, buf, n);
+    return buf;
+  }
+}
 
 struct Params {
   int64_t M, d, r;
+  int64_t rp, dp;  // r and d padded to the GEMM tile width (zero columns in packed weights)
   bool shared;
   Act act;
   double scale;
@@ -41,247 +126,385 @@ struct Params {
   uint64_t seed;
 };
 
-// Forward of one row block: fills pre1/h1 (rows x r), pre2 (rows x r, when shared) and hin
-// (rows x r, the input of `up` after dropout). Scratch buffers are row-major with stride r.
-template <typename T>
-void bottleneck_rows(const T* __restrict__ x, int64_t row0, int64_t rows, const Params& P,
-                     const T* __restrict__ wdT, const T* __restrict__ bd,
-                     const T* __restrict__ wsT, const T* __restrict__ bs, T* __restrict__ pre1,
-                     T* __restrict__ h1, T* __restrict__ pre2, T* __restrict__ hin) {
-  const int64_t d = P.d, r = P.r;
-  combo_rows<T>(rows, x + row0 * d, d, d, 64, wdT, r, bd, 0, pre1, r, r);
+// Weights and biases in the compute type, packed with zero-padded columns for gemm_acc.
+template <typename C>
+struct Packed {
+  std::vector<C> wdT;  // (d, rp): down^T, the forward's x -> pre1
+  std::vector<C> wsT;  // (r, rp): shared^T
+  std::vector<C> wuT;  // (r, dp): up^T, the forward's hin -> y
+  std::vector<C> wu;   // (d, rp): up, the backward's g_u -> dh
+  std::vector<C> ws;   // (r, rp): shared, dpre2 -> dh1
+  std::vector<C> wd;   // (r, dp): down, dpre1 -> dx
+  std::vector<C> bd, bs, bu, rs;  // empty when absent
+};
+
+template <typename S, typename C>
+std::vector<C> to_compute(const at::Tensor& t) {
+  std::vector<C> out;
+  if (!t.defined()) return out;
+  out.resize(size_t(t.numel()));
+  widen<S, C>(t.data_ptr<S>(), out.data(), t.numel());
+  return out;
+}
+
+// out (rows_out, ld) with out[i * ld + j] = w[j * rows_out + i] (transposed) or w[i * cols + j].
+template <typename S, typename C>
+std::vector<C> pack(const at::Tensor& w, bool transpose, int64_t ld) {
+  const int64_t R = w.size(0), K = w.size(1);
+  const S* p = w.data_ptr<S>();
+  const int64_t rows = transpose ? K : R, cols = transpose ? R : K;
+  std::vector<C> out(size_t(rows * ld), C(0));
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j)
+      out[i * ld + j] = static_cast<C>(transpose ? p[j * K + i] : p[i * K + j]);
+  return out;
+}
+
+template <typename S, typename C>
+Packed<C> pack_all(const Params& P, const at::Tensor& wd, const at::Tensor& bd,
+                   const at::Tensor& ws, const at::Tensor& bs, const at::Tensor& wu,
+                   const at::Tensor& bu, const at::Tensor& rs, bool backward) {
+  Packed<C> k;
+  k.wdT = pack<S, C>(wd, true, P.rp);
+  k.wuT = pack<S, C>(wu, true, P.dp);
+  if (P.shared) k.wsT = pack<S, C>(ws, true, P.rp);
+  if (backward) {
+    k.wu = pack<S, C>(wu, false, P.rp);
+    k.wd = pack<S, C>(wd, false, P.dp);
+    if (P.shared) k.ws = pack<S, C>(ws, false, P.rp);
+  }
+  k.bd = to_compute<S, C>(bd);
+  k.bs = to_compute<S, C>(bs);
+  k.bu = to_compute<S, C>(bu);
+  k.rs = to_compute<S, C>(rs);
+  return k;
+}
+
+// Fill `rows` rows of out (stride ld, n columns) with a bias row, or zeros.
+template <typename C>
+inline void fill_rows(C* out, int64_t rows, int64_t ld, const std::vector<C>& bias, int64_t n) {
   for (int64_t i = 0; i < rows; ++i) {
-    T* __restrict__ p1 = pre1 + i * r;
-    T* a1 = h1 + i * r;
-    for (int64_t k = 0; k < r; ++k) a1[k] = act_fwd(p1[k], P.act);
-    const T* h = a1;
-    if (P.shared) {
-      T* p2 = pre2 + i * r;
-      combo<T>(a1, r, 64, wsT, r, bs, p2, r);
-      h = p2;
-    }
-    T* hi = hin + i * r;
-    if (P.shared) {
-      for (int64_t k = 0; k < r; ++k) hi[k] = act_fwd(h[k], P.act);
-    } else {
-      for (int64_t k = 0; k < r; ++k) hi[k] = h[k];
-    }
-    if (P.p > 0.0) {
-      const float pf = float(P.p);
-      const T mult = T(1.0 / (1.0 - P.p));
-      const uint64_t base = uint64_t(row0 + i) * uint64_t(r);
-      for (int64_t k = 0; k < r; ++k)
-        hi[k] = philox_uniform(P.seed, base + uint64_t(k)) >= pf ? hi[k] * mult : T(0);
+    C* o = out + i * ld;
+    if (bias.empty())
+      std::fill(o, o + ld, C(0));
+    else {
+      std::copy(bias.begin(), bias.begin() + n, o);
+      std::fill(o + n, o + ld, C(0));
     }
   }
 }
 
-template <typename T>
+// Per-thread scratch of one row block, all in the compute type with padded strides.
+template <typename C>
+struct Scratch {
+  std::vector<C> buf;
+  C *xb, *pre1, *h1, *pre2, *hin, *dh, *dh1, *gu, *tile, *row;
+  Scratch(const Params& P, bool backward) {
+    const int64_t B = kRowBlock, rp = P.rp, dp = P.dp;
+    const int64_t small = B * rp;
+    buf.assign(size_t(B * dp + (backward ? 6 : 4) * small + (backward ? B * dp : 0) +
+                      (kMicroRows + 1) * dp),
+               poison_outputs() ? std::numeric_limits<C>::quiet_NaN() : C(0));
+    C* p = buf.data();
+    xb = p; p += B * dp;
+    pre1 = p; p += small;
+    h1 = p; p += small;
+    pre2 = p; p += small;
+    hin = p; p += small;
+    dh = backward ? p : nullptr; p += backward ? small : 0;
+    dh1 = backward ? p : nullptr; p += backward ? small : 0;
+    gu = backward ? p : nullptr; p += backward ? B * dp : 0;
+    tile = p; p += kMicroRows * dp;
+    row = p;
+  }
+};
+
+// The x rows of a block in the compute type, readable up to column dp: the storage itself when
+// it already is (and d needs no padding), else widened into the scratch block.
+template <typename S, typename C>
+inline const C* block_x(const S* x, int64_t row0, int64_t rows, const Params& P, C* xb,
+                        int64_t& ldx) {
+  if constexpr (std::is_same_v<S, C>) {
+    if (P.dp == P.d) {
+      ldx = P.d;
+      return x + row0 * P.d;
+    }
+  }
+  ldx = P.dp;
+  for (int64_t i = 0; i < rows; ++i) widen<S, C>(x + (row0 + i) * P.d, xb + i * P.dp, P.d);
+  return xb;
+}
+
+// Forward of one row block up to the input of `up`: pre1/h1 (rows x r), pre2 (when shared) and
+// hin (after dropout), all with stride rp.
+template <typename C>
+void bottleneck_rows(const C* xb, int64_t ldx, int64_t row0, int64_t rows, const Params& P,
+                     const Packed<C>& W, Scratch<C>& s) {
+  const int64_t d = P.d, r = P.r, rp = P.rp;
+  fill_rows(s.pre1, rows, rp, W.bd, r);
+  gemm_acc<C>(rows, rp, d, xb, ldx, 1, W.wdT.data(), rp, s.pre1, rp);
+  for (int64_t i = 0; i < rows * rp; ++i) s.h1[i] = act_fwd(s.pre1[i], P.act);
+  const C* h = s.h1;
+  if (P.shared) {
+    fill_rows(s.pre2, rows, rp, W.bs, r);
+    gemm_acc<C>(rows, rp, r, s.h1, rp, 1, W.wsT.data(), rp, s.pre2, rp);
+    for (int64_t i = 0; i < rows * rp; ++i) s.hin[i] = act_fwd(s.pre2[i], P.act);
+  } else {
+    std::copy(h, h + rows * rp, s.hin);
+  }
+  if (P.p > 0.0) {
+    const float pf = float(P.p);
+    const C mult = C(1.0 / (1.0 - P.p));
+    for (int64_t i = 0; i < rows; ++i) {
+      C* hi = s.hin + i * rp;
+      const uint64_t base = uint64_t(row0 + i) * uint64_t(r);
+      for (int64_t k = 0; k < r; ++k)
+        hi[k] = philox_uniform(P.seed, base + uint64_t(k)) >= pf ? hi[k] * mult : C(0);
+    }
+  }
+}
+
+template <typename S>
 void forward_impl(const at::Tensor& x, const at::Tensor& res, const at::Tensor& wd,
                   const at::Tensor& bd, const at::Tensor& ws, const at::Tensor& bs,
                   const at::Tensor& wu, const at::Tensor& bu, const at::Tensor& rs,
                   const Params& P, at::Tensor& y) {
-  const int64_t d = P.d, r = P.r;
-  at::Tensor wdT = wd.t().contiguous();                         // (d, r)
-  at::Tensor wsT = P.shared ? ws.t().contiguous() : at::Tensor();  // (r, r)
-  at::Tensor wuT = wu.t().contiguous();                         // (r, d)
-  const T* xp = x.data_ptr<T>();
-  const T* resp = res.defined() ? res.data_ptr<T>() : xp;
-  const T* wdTp = wdT.data_ptr<T>();
-  const T* bdp = bd.defined() ? bd.data_ptr<T>() : nullptr;
-  const T* wsTp = P.shared ? wsT.data_ptr<T>() : nullptr;
-  const T* bsp = bs.defined() ? bs.data_ptr<T>() : nullptr;
-  const T* wuTp = wuT.data_ptr<T>();
-  const T* bup = bu.defined() ? bu.data_ptr<T>() : nullptr;
-  const T* rsp = rs.defined() ? rs.data_ptr<T>() : nullptr;
-  T* yp = y.data_ptr<T>();
-  const T scale = T(P.scale);
+  using C = typename ComputeOf<S>::type;
+  const int64_t d = P.d, rp = P.rp, dp = P.dp;
+  const Packed<C> W = pack_all<S, C>(P, wd, bd, ws, bs, wu, bu, rs, false);
+  const S* xp = x.data_ptr<S>();
+  const S* resp = res.defined() ? res.data_ptr<S>() : xp;
+  S* yp = y.data_ptr<S>();
+  C* const ydirect = as_compute<S, C>(yp, P.d, P.dp);
+  const C scale = C(P.scale);
   const int64_t nblocks = (P.M + kRowBlock - 1) / kRowBlock;
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<T> buf(4 * kRowBlock * r);
-    T* pre1 = buf.data();
-    T* h1 = pre1 + kRowBlock * r;
-    T* pre2 = h1 + kRowBlock * r;
-    T* hin = pre2 + kRowBlock * r;
+    Scratch<C> s(P, false);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t row0 = b * kRowBlock, rows = std::min(kRowBlock, P.M - row0);
-      bottleneck_rows<T>(xp, row0, rows, P, wdTp, bdp, wsTp, bsp, pre1, h1, pre2, hin);
-      combo_rows<T>(rows, hin, r, r, 64, wuTp, d, bup, 0, yp + row0 * d, d, d);
-      for (int64_t i = 0; i < rows; ++i) {
-        const int64_t row = row0 + i;
-        const T* __restrict__ resi = resp + row * d;
-        T* __restrict__ yi = yp + row * d;
-        if (rsp) {
-          const T rv = rsp[row];
-          for (int64_t j = 0; j < d; ++j) yi[j] = resi[j] + (yi[j] * scale) * rv;
-        } else {
-          for (int64_t j = 0; j < d; ++j) yi[j] = resi[j] + yi[j] * scale;
+      int64_t ldx;
+      const C* xb = block_x<S, C>(xp, row0, rows, P, s.xb, ldx);
+      bottleneck_rows<C>(xb, ldx, row0, rows, P, W, s);
+      // up projection kMicroRows rows at a time (into y itself, or an L1 tile), then the
+      // epilogue in place
+      for (int64_t i0 = 0; i0 < rows; i0 += kMicroRows) {
+        const int64_t n = std::min<int64_t>(kMicroRows, rows - i0);
+        C* const t0 = ydirect ? ydirect + (row0 + i0) * d : s.tile;
+        const int64_t ldt = ydirect ? d : dp;
+        fill_rows(t0, n, ldt, W.bu, d);
+        gemm_acc<C>(n, dp, P.r, s.hin + i0 * rp, rp, 1, W.wuT.data(), dp, t0, ldt);
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t row = row0 + i0 + i;
+          const C* __restrict__ resi = row_in_compute<S, C>(resp + row * d, s.row, d);
+          C* __restrict__ t = t0 + i * ldt;
+          if (!W.rs.empty()) {
+            const C rv = W.rs[row];
+            for (int64_t j = 0; j < d; ++j) t[j] = resi[j] + (t[j] * scale) * rv;
+          } else {
+            for (int64_t j = 0; j < d; ++j) t[j] = resi[j] + t[j] * scale;
+          }
+          if (!ydirect) narrow<S, C>(t, yp + row * d, d);
         }
       }
     }
   });
 }
 
-template <typename T>
+template <typename S>
 std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const at::Tensor& x, bool has_residual,
                                       const at::Tensor& wd, const at::Tensor& bd,
                                       const at::Tensor& ws, const at::Tensor& bs,
                                       const at::Tensor& wu, const at::Tensor& bu,
                                       const at::Tensor& rs, const Params& P, bool need_dx,
                                       bool need_dscale, bool gsi) {
-  const int64_t M = P.M, d = P.d, r = P.r;
+  using C = typename ComputeOf<S>::type;
+  const int64_t M = P.M, d = P.d, r = P.r, rp = P.rp, dp = P.dp;
   const auto opts = x.options();
   at::Tensor dx = need_dx ? at::empty({M, d}, opts) : at::empty({0}, opts);
+  if (need_dx && poison_outputs()) dx.fill_(std::numeric_limits<double>::quiet_NaN());
   // Reduction chunks: a fixed row count that depends on M only.
   int64_t chunk_rows = std::max(kMinChunkRows, (M + kMaxChunks - 1) / kMaxChunks);
-  chunk_rows = (chunk_rows + kRowBlock - 1) / kRowBlock * kRowBlock;
+  chunk_rows = round_up(chunk_rows, kRowBlock);
   const int64_t nchunks = std::max<int64_t>(1, (M + chunk_rows - 1) / chunk_rows);
-  // Partial layout per chunk: dWd (r,d) | dbd (r) | dWs (r,r) | dbs (r) | dWu (d,r) | dbu (d) | dscale
-  const int64_t o_wd = 0, o_bd = o_wd + r * d, o_ws = o_bd + r, o_bs = o_ws + r * r,
-                o_wu = o_bs + r, o_bu = o_wu + d * r, o_sc = o_bu + d, psize = o_sc + 1;
-  std::vector<T> partial(size_t(nchunks * psize), T(0));
+  // Partial layout per chunk (padded columns): dWd (r,dp) | dWs (r,rp) | dWu (d,rp)
+  const int64_t o_wd = 0, o_ws = o_wd + r * dp, o_wu = o_ws + r * rp, psize = o_wu + d * rp;
+  std::vector<C> partial(size_t(nchunks * psize), C(0));
   // Bias gradients and dscale are plain sums over rows (short, cancelling for small r):
   // accumulated in double, in their own partials: db_d (r) | db_s (r) | db_u (d) | dscale.
   const int64_t b_bd = 0, b_bs = r, b_bu = 2 * r, b_sc = 2 * r + d, bsize = b_sc + 1;
   std::vector<double> bpartial(size_t(nchunks * bsize), 0.0);
 
-  at::Tensor wdT = wd.t().contiguous();
-  at::Tensor wsT = P.shared ? ws.t().contiguous() : at::Tensor();
-  at::Tensor wuT = wu.t().contiguous();
-  const T* xp = x.data_ptr<T>();
-  const T* gyp = gy.data_ptr<T>();
-  const T* wdp = wd.data_ptr<T>();
-  const T* wdTp = wdT.data_ptr<T>();
-  const T* bdp = bd.defined() ? bd.data_ptr<T>() : nullptr;
-  const T* wsp = P.shared ? ws.data_ptr<T>() : nullptr;
-  const T* wsTp = P.shared ? wsT.data_ptr<T>() : nullptr;
-  const T* bsp = bs.defined() ? bs.data_ptr<T>() : nullptr;
-  const T* wup = wu.data_ptr<T>();
-  const T* wuTp = wuT.data_ptr<T>();
-  const T* bup = bu.defined() ? bu.data_ptr<T>() : nullptr;
-  const T* rsp = rs.defined() ? rs.data_ptr<T>() : nullptr;
-  T* dxp = need_dx ? dx.data_ptr<T>() : nullptr;
-  const T scale = T(P.scale);
+  const Packed<C> W = pack_all<S, C>(P, wd, bd, ws, bs, wu, bu, rs, true);
+  const S* xp = x.data_ptr<S>();
+  const S* gyp = gy.data_ptr<S>();
+  S* dxp = need_dx ? dx.data_ptr<S>() : nullptr;
+  C* const dxdirect = dxp ? as_compute<S, C>(dxp, P.d, P.dp) : nullptr;
+  const C scale = C(P.scale);
+  const bool has_rs = !W.rs.empty();
 
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<T> buf(6 * kRowBlock * r + d + kRowBlock * d + r);
-    T* pre1 = buf.data();
-    T* h1 = pre1 + kRowBlock * r;
-    T* pre2 = h1 + kRowBlock * r;
-    T* hin = pre2 + kRowBlock * r;
-    T* dh = hin + kRowBlock * r;
-    T* dh1 = dh + kRowBlock * r;
-    T* __restrict__ u = dh1 + kRowBlock * r;
-    T* __restrict__ gu_blk = u + d;  // (kRowBlock x d): g_u of the block's rows
+    Scratch<C> s(P, true);
+    std::vector<C> colsum(static_cast<size_t>(dp), C(0));
     for (int64_t c = c0; c < c1; ++c) {
-      T* part = partial.data() + c * psize;
+      C* part = partial.data() + c * psize;
       double* bpart = bpartial.data() + c * bsize;
-      T* pwd = part + o_wd; double* pbd = bpart + b_bd; T* pws = part + o_ws;
-      double* pbs = bpart + b_bs; T* pwu = part + o_wu; double* pbu = bpart + b_bu;
-      double dscale = 0.0;  // a scalar: accumulate in double (long sums)
+      C* pwd = part + o_wd; C* pws = part + o_ws; C* pwu = part + o_wu;
+      double* pbd = bpart + b_bd; double* pbs = bpart + b_bs; double* pbu = bpart + b_bu;
+      double dscale = 0.0;
       const int64_t cend = std::min(M, (c + 1) * chunk_rows);
       for (int64_t row0 = c * chunk_rows; row0 < cend; row0 += kRowBlock) {
         const int64_t rows = std::min(kRowBlock, cend - row0);
-        bottleneck_rows<T>(xp, row0, rows, P, wdTp, bdp, wsTp, bsp, pre1, h1, pre2, hin);
+        int64_t ldx;
+        const C* xb = block_x<S, C>(xp, row0, rows, P, s.xb, ldx);
+        bottleneck_rows<C>(xb, ldx, row0, rows, P, W, s);
+        // g_u = scale * row_scale * g (zero pad columns); db_u += column sums of g_u
+        std::fill(colsum.begin(), colsum.end(), C(0));
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t row = row0 + i;
-          const T* gyi = gyp + row * d;
-          const T* hi = hin + i * r;
-          const T rv = rsp ? rsp[row] : T(1);
-          // g_u = scale * row_scale * g; when the scale is learnable, u = hin W_u^T + b_u and
-          // dscale += sum(g_row * u)
-          if (need_dscale) {
-            combo<T>(hi, r, 64, wuTp, d, bup, u, d);
-            double ds = 0.0;
-            for (int64_t j = 0; j < d; ++j) ds += double((rsp ? gyi[j] * rv : gyi[j]) * u[j]);
-            dscale += ds;
-          }
-          T* __restrict__ gu = gu_blk + i * d;
-          for (int64_t j = 0; j < d; ++j) gu[j] = (rsp ? gyi[j] * rv : gyi[j]) * scale;
-          for (int64_t j = 0; j < d; ++j) pbu[j] += gu[j];  // db_u += g_u
-        }
-        // dh = g_u W_u for the block
-        combo_rows<T>(rows, gu_blk, d, d, 64, wup, r, nullptr, 0, dh, r, r);
-        for (int64_t i = 0; i < rows; ++i) {
-          const int64_t row = row0 + i;
-          T* __restrict__ dhi = dh + i * r;
-          if (P.p > 0.0) {
-            const float pf = float(P.p);
-            const T mult = T(1.0 / (1.0 - P.p));
-            const uint64_t base = uint64_t(row) * uint64_t(r);
-            for (int64_t k = 0; k < r; ++k)
-              dhi[k] = philox_uniform(P.seed, base + uint64_t(k)) >= pf ? dhi[k] * mult : T(0);
-          }
-          const T* a1 = h1 + i * r;
-          T* __restrict__ g1 = dh1 + i * r;
-          if (P.shared) {
-            // dpre2 = dh * act'(pre2); dW_s += dpre2^T h1; db_s += dpre2; dh1 = dpre2 W_s
-            const T* p2 = pre2 + i * r;
-            for (int64_t k = 0; k < r; ++k) dhi[k] *= act_grad(p2[k], P.act);
-            combo<T>(dhi, r, 64, wsp, r, nullptr, g1, r);
-            for (int64_t k = 0; k < r; ++k) pbs[k] += dhi[k];
+          C* gu = s.gu + i * dp;
+          const C* g = row_in_compute<S, C>(gyp + row * d, gu, d);  // widened in place if needed
+          if (has_rs) {
+            const C rv = W.rs[row];
+            for (int64_t j = 0; j < d; ++j) gu[j] = (g[j] * rv) * scale;
           } else {
-            for (int64_t k = 0; k < r; ++k) g1[k] = dhi[k];
+            for (int64_t j = 0; j < d; ++j) gu[j] = g[j] * scale;
           }
-          // dpre1 = dh1 * act'(pre1); db_d += dpre1
-          const T* p1 = pre1 + i * r;
+          for (int64_t j = d; j < dp; ++j) gu[j] = C(0);
+          for (int64_t j = 0; j < d; ++j) colsum[j] += gu[j];
+        }
+        for (int64_t j = 0; j < d; ++j) pbu[j] += double(colsum[j]);
+        // learnable scale: u = hin W_u^T + b_u and dscale += sum(g * row_scale * u)
+        if (need_dscale) {
+          for (int64_t i0 = 0; i0 < rows; i0 += kMicroRows) {
+            const int64_t n = std::min<int64_t>(kMicroRows, rows - i0);
+            fill_rows(s.tile, n, dp, W.bu, d);
+            gemm_acc<C>(n, dp, r, s.hin + i0 * rp, rp, 1, W.wuT.data(), dp, s.tile, dp);
+            for (int64_t i = 0; i < n; ++i) {
+              const int64_t row = row0 + i0 + i;
+              const C* gyi = row_in_compute<S, C>(gyp + row * d, s.row, d);
+              const C* u = s.tile + i * dp;
+              const C rv = has_rs ? W.rs[row] : C(1);
+              double ds = 0.0;
+              for (int64_t j = 0; j < d; ++j) ds += double((has_rs ? gyi[j] * rv : gyi[j]) * u[j]);
+              dscale += ds;
+            }
+          }
+        }
+        // dh = g_u W_u
+        fill_rows(s.dh, rows, rp, std::vector<C>(), r);
+        gemm_acc<C>(rows, rp, d, s.gu, dp, 1, W.wu.data(), rp, s.dh, rp);
+        if (P.p > 0.0) {
+          const float pf = float(P.p);
+          const C mult = C(1.0 / (1.0 - P.p));
+          for (int64_t i = 0; i < rows; ++i) {
+            C* dhi = s.dh + i * rp;
+            const uint64_t base = uint64_t(row0 + i) * uint64_t(r);
+            for (int64_t k = 0; k < r; ++k)
+              dhi[k] = philox_uniform(P.seed, base + uint64_t(k)) >= pf ? dhi[k] * mult : C(0);
+          }
+        }
+        if (P.shared) {
+          // dpre2 = dh * act'(pre2) (kept in dh); db_s += dpre2; dh1 = dpre2 W_s
+          for (int64_t i = 0; i < rows; ++i) {
+            C* dhi = s.dh + i * rp;
+            const C* p2 = s.pre2 + i * rp;
+            for (int64_t k = 0; k < r; ++k) {
+              dhi[k] *= act_grad(p2[k], P.act);
+              pbs[k] += double(dhi[k]);
+            }
+          }
+          fill_rows(s.dh1, rows, rp, std::vector<C>(), r);
+          gemm_acc<C>(rows, rp, r, s.dh, rp, 1, W.ws.data(), rp, s.dh1, rp);
+        } else {
+          std::copy(s.dh, s.dh + rows * rp, s.dh1);
+        }
+        // dpre1 = dh1 * act'(pre1) (kept in dh1); db_d += dpre1
+        for (int64_t i = 0; i < rows; ++i) {
+          C* g1 = s.dh1 + i * rp;
+          const C* p1 = s.pre1 + i * rp;
           for (int64_t k = 0; k < r; ++k) {
             g1[k] *= act_grad(p1[k], P.act);
-            pbd[k] += g1[k];
+            pbd[k] += double(g1[k]);
           }
         }
-        // dx = dpre1 W_d (+ g). Block-wide weight-gradient updates: dW_u += g_u^T hin, dW_s += dpre2^T h1,
-        // dW_d += dpre1^T x (each partial slice loaded and stored once per block).
-        rank_update<T>(rows, d, gu_blk, d, hin, r, pwu, r, r);
-        if (P.shared) rank_update<T>(rows, r, dh, r, h1, r, pws, r, r);
-        rank_update<T>(rows, r, dh1, r, xp + row0 * d, d, pwd, d, d);
-        if (dxp)
-          combo_rows<T>(rows, dh1, r, r, 64, wdp, d, has_residual ? nullptr : gyp + row0 * d, d,
-                        dxp + row0 * d, d, d);
+        // Weight gradients of the block: dW_u += g_u^T hin, dW_s += dpre2^T h1, dW_d += dpre1^T x
+        gemm_acc<C>(d, rp, rows, s.gu, 1, dp, s.hin, rp, pwu, rp);
+        if (P.shared) gemm_acc<C>(r, rp, rows, s.dh, 1, rp, s.h1, rp, pws, rp);
+        gemm_acc<C>(r, dp, rows, s.dh1, 1, rp, xb, ldx, pwd, dp);
+        // dx = dpre1 W_d (+ g when the residual is x itself)
+        if (dxp) {
+          for (int64_t i0 = 0; i0 < rows; i0 += kMicroRows) {
+            const int64_t n = std::min<int64_t>(kMicroRows, rows - i0);
+            C* const t0 = dxdirect ? dxdirect + (row0 + i0) * d : s.tile;
+            const int64_t ldt = dxdirect ? d : dp;
+            fill_rows(t0, n, ldt, std::vector<C>(), d);
+            gemm_acc<C>(n, dp, r, s.dh1 + i0 * rp, rp, 1, W.wd.data(), dp, t0, ldt);
+            for (int64_t i = 0; i < n; ++i) {
+              const int64_t row = row0 + i0 + i;
+              C* __restrict__ t = t0 + i * ldt;
+              if (!has_residual) {
+                const C* __restrict__ gyi = row_in_compute<S, C>(gyp + row * d, s.row, d);
+                for (int64_t j = 0; j < d; ++j) t[j] = gyi[j] + t[j];
+              }
+              if (!dxdirect) narrow<S, C>(t, dxp + row * d, d);
+            }
+          }
+        }
       }
       bpart[b_sc] = dscale;
     }
   });
 
   // Fixed-order sum of the chunk partials (parallel over elements: still deterministic).
-  at::Tensor total = at::empty({psize}, opts);
-  T* tp = total.data_ptr<T>();
-  const T* pp = partial.data();
+  const auto copts = opts.dtype(c10::CppTypeToScalarType<C>::value);
+  at::Tensor total = at::empty({psize}, copts);
+  C* tp = total.data_ptr<C>();
+  const C* pp = partial.data();
   at::parallel_for(0, psize, 4096, [&](int64_t e0, int64_t e1) {
-    for (int64_t e = e0; e < e1; ++e) tp[e] = T(0);
+    for (int64_t e = e0; e < e1; ++e) tp[e] = C(0);
     for (int64_t c = 0; c < nchunks; ++c) {
-      const T* pc = pp + c * psize;
+      const C* pc = pp + c * psize;
       for (int64_t e = e0; e < e1; ++e) tp[e] += pc[e];
     }
   });
-  const int64_t pairs[4][3] = {{o_bd, b_bd, r}, {o_bs, b_bs, r}, {o_bu, b_bu, d}, {o_sc, b_sc, 1}};
-  for (const auto& pr : pairs) {
-    for (int64_t e = 0; e < pr[2]; ++e) {
-      double acc = 0.0;
-      for (int64_t c = 0; c < nchunks; ++c) acc += bpartial[c * bsize + pr[1] + e];
-      tp[pr[0] + e] = T(acc);
-    }
+  at::Tensor btotal = at::empty({bsize}, copts);
+  C* bt = btotal.data_ptr<C>();
+  for (int64_t e = 0; e < bsize; ++e) {
+    double acc = 0.0;
+    for (int64_t c = 0; c < nchunks; ++c) acc += bpartial[c * bsize + e];
+    bt[e] = C(acc);
   }
-  if (gsi) total.div_(P.scale);
-  auto view = [&](int64_t off, at::IntArrayRef shape) {
-    int64_t n = 1;
-    for (auto s : shape) n *= s;
-    return total.narrow(0, off, n).view(shape).clone();
+  if (gsi) {
+    total.div_(P.scale);
+    btotal.div_(P.scale);
+  }
+  const auto dt = x.scalar_type();
+  auto mat = [&](int64_t off, int64_t rows, int64_t ld, int64_t cols) {
+    // a fresh tensor per gradient (no output aliases another), rounded once to the storage dtype
+    return at::empty({rows, cols}, opts).copy_(total.narrow(0, off, rows * ld).view({rows, ld}).narrow(1, 0, cols));
+  };
+  auto vecv = [&](int64_t off, int64_t n) {
+    return btotal.narrow(0, off, n).to(dt).clone();
   };
   at::Tensor empty = at::empty({0}, opts);
   return {dx,
-          view(o_wd, {r, d}),
-          bd.defined() ? view(o_bd, {r}) : empty,
-          P.shared ? view(o_ws, {r, r}) : empty,
-          bs.defined() ? view(o_bs, {r}) : empty,
-          view(o_wu, {d, r}),
-          bu.defined() ? view(o_bu, {d}) : empty,
-          view(o_sc, {})};
+          mat(o_wd, r, dp, d),
+          bd.defined() ? vecv(b_bd, r) : empty,
+          P.shared ? mat(o_ws, r, rp, r) : empty,
+          bs.defined() ? vecv(b_bs, r) : empty,
+          mat(o_wu, d, rp, r),
+          bu.defined() ? vecv(b_bu, d) : empty,
+          btotal.narrow(0, b_sc, 1).to(dt).view(std::vector<int64_t>{}).clone()};
 }
 
 at::Tensor opt_contig(const c10::optional<at::Tensor>& t, at::ScalarType dtype) {
   if (!t.has_value() || !t->defined()) return at::Tensor();
   return t->to(dtype).contiguous();
+}
+
+void check_dtype(at::ScalarType dt) {
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+              "bottleneck cpu: x must be float32, float64, bfloat16 or float16, got ", dt);
 }
 
 Params make_params(const at::Tensor& x, const at::Tensor& wd, bool shared, const std::string& act,
@@ -292,6 +515,9 @@ Params make_params(const at::Tensor& x, const at::Tensor& wd, bool shared, const
   P.M = x.size(0);
   P.d = x.size(1);
   P.r = wd.size(0);
+  const int64_t nc = x.scalar_type() == at::kDouble ? tile_cols<double>() : tile_cols<float>();
+  P.rp = round_up(P.r, nc);
+  P.dp = round_up(P.d, nc);
   P.shared = shared;
   P.act = parse_act(act);
   P.scale = scale;
@@ -313,17 +539,18 @@ at::Tensor bottleneck_forward_cpu(const at::Tensor& x_, const c10::optional<at::
                                   const c10::optional<at::Tensor>& seed, std::string activation,
                                   double dropout_p) {
   const auto dt = x_.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "bottleneck cpu: float32/float64 only");
+  check_dtype(dt);
   at::Tensor x = x_.contiguous();
   at::Tensor res = opt_contig(residual, dt);
   const bool shared = ws_.has_value() && ws_->defined();
   Params P = make_params(x, wd_, shared, activation, scale, dropout_p, seed);
-  at::Tensor wd = wd_.contiguous(), wu = wu_.contiguous();
+  at::Tensor wd = wd_.to(dt).contiguous(), wu = wu_.to(dt).contiguous();
   at::Tensor bd = opt_contig(bd_, dt), ws = opt_contig(ws_, dt), bs = opt_contig(bs_, dt),
              bu = opt_contig(bu_, dt), rs = opt_contig(row_scale, dt);
   at::Tensor y = at::empty({P.M, P.d}, x.options());
   if (P.M == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES(dt, "bottleneck_forward_cpu", [&] {
+  if (poison_outputs()) y.fill_(std::numeric_limits<double>::quiet_NaN());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "bottleneck_forward_cpu", [&] {
     forward_impl<scalar_t>(x, res, wd, bd, ws, bs, wu, bu, rs, P, y);
   });
   return y;
@@ -337,16 +564,16 @@ std::vector<at::Tensor> bottleneck_backward_cpu(
     const c10::optional<at::Tensor>& seed, std::string activation, double dropout_p,
     bool grad_scale_invariant, bool need_dx, bool need_dscale) {
   const auto dt = x_.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "bottleneck cpu: float32/float64 only");
+  check_dtype(dt);
   at::Tensor x = x_.contiguous();
   at::Tensor gy = gy_.to(dt).contiguous();
   const bool shared = ws_.has_value() && ws_->defined();
   Params P = make_params(x, wd_, shared, activation, scale, dropout_p, seed);
-  at::Tensor wd = wd_.contiguous(), wu = wu_.contiguous();
+  at::Tensor wd = wd_.to(dt).contiguous(), wu = wu_.to(dt).contiguous();
   at::Tensor bd = opt_contig(bd_, dt), ws = opt_contig(ws_, dt), bs = opt_contig(bs_, dt),
              bu = opt_contig(bu_, dt), rs = opt_contig(row_scale, dt);
   std::vector<at::Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES(dt, "bottleneck_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "bottleneck_backward_cpu", [&] {
     out = backward_impl<scalar_t>(gy, x, has_residual, wd, bd, ws, bs, wu, bu, rs, P, need_dx,
                                   need_dscale, grad_scale_invariant);
   });

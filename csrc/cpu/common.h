@@ -218,5 +218,95 @@ inline void rank_update(int64_t rows, int64_t J, const T* __restrict__ a, int64_
   for (; j < J; ++j) rank_update_group<T, 1>(rows, a + j, lda, b, ldb, G + j * ldg, ldg, n);
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Register-tiled GEMM for the fused kernels: out[i, j] += sum_k A(i, k) * B[k * ldb + j], with
+// A(i, k) = A[i * a_rs + k * a_cs] (a_rs = lda, a_cs = 1: A as stored; a_rs = 1, a_cs = lda: its
+// transpose, for weight gradients). Columns come in tiles of two 32-byte vectors, so n must be a
+// multiple of tile_cols<T>() and B/out must be readable/writable up to there: callers pad their
+// buffers (zero columns). A micro tile keeps kMicroRows x 2 vector accumulators in registers
+// (6 x 2 = 12 of the 16 AVX2 registers, the rest for the two B vectors and the broadcast A
+// value). k runs in chunks of kGemmChunk; each chunk's sum starts from zero and is added to out
+// (a blocked sum: more accurate than one running sum over d, and L1-sized B slices). The order
+// of every sum depends on K only, never on m, the tiling of rows or the thread count.
+// GCC vector extensions, not intrinsics: the `acc += b * s` lines become FMAs through GCC's
+// default contraction in GNU mode (checked in the built .so: 12 ymm accumulators, no spills).
+template <typename T>
+struct Vec32 {
+  // register type (naturally aligned) and an alias for unaligned loads and stores
+  typedef T type __attribute__((vector_size(32)));
+  typedef T unaligned __attribute__((vector_size(32), aligned(alignof(T))));
+};
+
+template <typename T>
+constexpr int64_t vec_len() { return int64_t(32 / sizeof(T)); }
+
+template <typename T>
+constexpr int64_t tile_cols() { return 2 * vec_len<T>(); }
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+constexpr int kMicroRows = 6;
+constexpr int64_t kGemmChunk = 64;
+
+template <typename T, int MR>
+inline void gemm_micro(int64_t K, const T* __restrict__ A, int64_t a_rs, int64_t a_cs,
+                       const T* __restrict__ B, int64_t ldb, T* __restrict__ out, int64_t ldo) {
+  using V = typename Vec32<T>::type;
+  using U = typename Vec32<T>::unaligned;
+  constexpr int64_t L = vec_len<T>();
+  V lo[MR], hi[MR];
+#pragma GCC unroll 8
+  for (int q = 0; q < MR; ++q) {
+    lo[q] = V{};
+    hi[q] = V{};
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const T* b = B + k * ldb;
+    const V b0 = *reinterpret_cast<const U*>(b);
+    const V b1 = *reinterpret_cast<const U*>(b + L);
+    const T* a = A + k * a_cs;
+#pragma GCC unroll 8
+    for (int q = 0; q < MR; ++q) {
+      const T s = a[q * a_rs];
+      lo[q] += b0 * s;
+      hi[q] += b1 * s;
+    }
+  }
+#pragma GCC unroll 8
+  for (int q = 0; q < MR; ++q) {
+    U* o = reinterpret_cast<U*>(out + q * ldo);
+    U* o1 = reinterpret_cast<U*>(out + q * ldo + L);
+    *o = *o + lo[q];
+    *o1 = *o1 + hi[q];
+  }
+}
+
+template <typename T>
+inline void gemm_acc(int64_t m, int64_t n, int64_t K, const T* A, int64_t a_rs, int64_t a_cs,
+                     const T* B, int64_t ldb, T* out, int64_t ldo) {
+  constexpr int64_t NC = tile_cols<T>();
+  for (int64_t k0 = 0; k0 < K; k0 += kGemmChunk) {
+    const int64_t kk = std::min(kGemmChunk, K - k0);
+    for (int64_t j0 = 0; j0 < n; j0 += NC) {
+      const T* b = B + k0 * ldb + j0;
+      int64_t i0 = 0;
+      for (; i0 + kMicroRows <= m; i0 += kMicroRows)
+        gemm_micro<T, kMicroRows>(kk, A + i0 * a_rs + k0 * a_cs, a_rs, a_cs, b, ldb,
+                                  out + i0 * ldo + j0, ldo);
+      const T* a = A + i0 * a_rs + k0 * a_cs;
+      T* o = out + i0 * ldo + j0;
+      switch (m - i0) {
+        case 5: gemm_micro<T, 5>(kk, a, a_rs, a_cs, b, ldb, o, ldo); break;
+        case 4: gemm_micro<T, 4>(kk, a, a_rs, a_cs, b, ldb, o, ldo); break;
+        case 3: gemm_micro<T, 3>(kk, a, a_rs, a_cs, b, ldb, o, ldo); break;
+        case 2: gemm_micro<T, 2>(kk, a, a_rs, a_cs, b, ldb, o, ldo); break;
+        case 1: gemm_micro<T, 1>(kk, a, a_rs, a_cs, b, ldb, o, ldo); break;
+        default: break;
+      }
+    }
+  }
+}
+
 }  // namespace cpu
 }  // namespace pyadapt

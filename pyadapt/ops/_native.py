@@ -23,8 +23,9 @@ except (ImportError, OSError) as exc:  # not built, or built against another tor
     available = False
     error = f"{type(exc).__name__}: {exc}"
 
-# dtypes the C++ CPU kernels compute in; others fall back to the reference.
-CPU_DTYPES = (torch.float32, torch.float64)
+# storage dtypes the C++ CPU bottleneck kernels take (bfloat16/float16 computed in float32 and
+# rounded once on output); others fall back to the reference.
+CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def ops():

@@ -60,6 +60,10 @@ def _usable(backend: str) -> bool:
 
         interpret = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
         return interpret or torch.cuda.is_available()
+    if backend == "cuda":
+        import torch
+
+        return torch.cuda.is_available()
     return True
 
 
@@ -109,6 +113,22 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         stack.pop()
+
+
+def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
+    """`op.register_autograd(backward, setup_context=...)`, with the backward run under the
+    backend choice its forward saw. Autograd runs CUDA backwards on its own device threads,
+    where the caller's thread-local `use_backend` would otherwise be invisible."""
+
+    def setup(ctx, inputs, output):  # torch requires the name `output`
+        ctx.pyadapt_backend = current_backend()
+        setup_context(ctx, inputs, output)
+
+    def backward_as_forward(ctx, *grads):
+        with use_backend(ctx.pyadapt_backend):
+            return backward(ctx, *grads)
+
+    op.register_autograd(backward_as_forward, setup_context=setup)
 
 
 def backend_for(op: str, device_type: str) -> str:

@@ -16,7 +16,7 @@ import torch
 from .. import _validate as check
 from .. import reference
 from . import _grads
-from ._registry import kernel_for, register, register_from
+from ._registry import kernel_for, register, register_autograd, register_from
 from ._scalars import effective_scale, seed_tensor, split_scale
 
 Tensor = torch.Tensor
@@ -98,7 +98,7 @@ def _backward(ctx, grad_y):
             None, None, None, None, None, None)
 
 
-bottleneck_forward.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(bottleneck_forward, _backward, _setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,9 +187,10 @@ register_from("triton", "pyadapt.kernels.bottleneck",
 
 
 # ---------------------------------------------------------------------------------------------
-# cpu backend (csrc/cpu/bottleneck.cpp), when the native extension was built. It computes
-# float32 and float64 with a residual of x's dtype (or none); any other case (bf16/fp16, a
-# residual of another dtype, non-CPU tensors) runs the reference.
+# cpu backend (csrc/cpu/bottleneck.cpp), when the native extension was built. It takes float32,
+# float64, bfloat16 and float16 storage (the last two computed in float32, outputs rounded once)
+# with a residual of x's dtype (or none); any other case (a residual of another dtype, non-CPU
+# tensors) runs the reference.
 
 from . import _native  # noqa: E402
 
@@ -217,7 +218,9 @@ def _cpu_forward(x, residual, down_weight, down_bias, shared_weight, shared_bias
 def _cpu_backward(grad_y, x, has_residual, down_weight, down_bias, shared_weight, shared_bias,
                   up_weight, up_bias, scale, scale_value, row_scale, seed, activation, dropout_p,
                   grad_scale_invariant, needs):
-    if not _cpu_covers(x, None):
+    # grad_y has the output's dtype: another one than x's means a mixed-dtype residual, which
+    # the forward also left to the reference
+    if not _cpu_covers(x, None) or grad_y.dtype != x.dtype:
         return _reference_backward(grad_y, x, has_residual, down_weight, down_bias, shared_weight,
                                    shared_bias, up_weight, up_bias, scale, scale_value, row_scale,
                                    seed, activation, dropout_p, grad_scale_invariant, needs)

@@ -71,3 +71,27 @@ def fold(weights: List[Tensor], lefts: List[Tensor], rights: List[Tensor],
 
 # triton backend (kernels/fold.py), when triton imports
 register_from("triton", "pyadapt.kernels.fold", {"fold_weights": "fold"})
+
+
+# ---------------------------------------------------------------------------------------------
+# cpu backend (csrc/cpu/fold.cpp), when the native extension was built: every fold of the call
+# in one parallel region, float32 accumulation (float64 for float64 weights). Weights of other
+# dtypes or devices run the reference.
+
+from . import _native  # noqa: E402
+
+_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _cpu_covers(weights) -> bool:
+    return all(w.device.type == "cpu" and w.dtype in _CPU_DTYPES for w in weights)
+
+
+def _cpu_fold(weights, lefts, rights, scales):
+    if not weights or not _cpu_covers(weights):
+        return _reference_fold(weights, lefts, rights, scales)
+    return list(_native.ops().fold_weights(weights, lefts, rights, scales))
+
+
+if _native.available:
+    register("fold_weights", "cpu", _cpu_fold)

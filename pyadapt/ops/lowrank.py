@@ -15,7 +15,7 @@ import torch
 from .. import _validate as check
 from .. import reference
 from . import _grads
-from ._registry import kernel_for, register, register_from
+from ._registry import kernel_for, register, register_autograd, register_from
 from ._scalars import seed_tensor
 
 Tensor = torch.Tensor
@@ -69,7 +69,7 @@ def _backward(ctx, grad_y):
     return (*grads, None, None, None, None)
 
 
-lowrank_forward.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(lowrank_forward, _backward, _setup_context)
 
 
 def _reference_forward(x, weight, bias, down, core, up, scale, seed, dropout_p, dropout_after_core):
@@ -129,3 +129,42 @@ def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], down: Tens
 # triton backend (kernels/lowrank.py), when triton imports
 register_from("triton", "pyadapt.kernels.lowrank",
               {"lowrank_forward": "forward", "lowrank_backward": "backward"})
+
+
+# ---------------------------------------------------------------------------------------------
+# cpu backend (csrc/cpu/lowrank.cpp), when the native extension was built. It computes float32
+# and float64, and bf16/fp16 storage in float32 (rounded once, here); other dtypes or devices
+# run the reference.
+
+from . import _native  # noqa: E402
+
+_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _cpu_covers(x) -> bool:
+    return x.device.type == "cpu" and x.dtype in _CPU_DTYPES
+
+
+def _cpu_forward(x, weight, bias, down, core, up, scale, seed, dropout_p, dropout_after_core):
+    if not _cpu_covers(x):
+        return _reference_forward(x, weight, bias, down, core, up, scale, seed, dropout_p,
+                                  dropout_after_core)
+    y = _native.ops().lowrank_forward(x, weight, bias, down, core, up, float(scale), seed,
+                                      float(dropout_p), bool(dropout_after_core))
+    return y.to(x.dtype)
+
+
+def _cpu_backward(grad_y, x, weight, bias, down, core, up, scale, seed, dropout_p,
+                  dropout_after_core, needs):
+    if not _cpu_covers(x):
+        return _reference_backward(grad_y, x, weight, bias, down, core, up, scale, seed,
+                                   dropout_p, dropout_after_core, needs)
+    grads = _native.ops().lowrank_backward(grad_y, x, weight, bias, down, core, up, float(scale),
+                                           seed, float(dropout_p), bool(dropout_after_core),
+                                           [bool(n) for n in needs])
+    return _grads.pack(grads, [x, weight, bias, down, core, up], needs, x)
+
+
+if _native.available:
+    register("lowrank_forward", "cpu", _cpu_forward)
+    register("lowrank_backward", "cpu", _cpu_backward)

@@ -13,7 +13,7 @@ import torch
 from .. import _validate as check
 from .. import reference
 from . import _grads
-from ._registry import kernel_for, register
+from ._registry import kernel_for, register, register_autograd
 
 Tensor = torch.Tensor
 
@@ -59,7 +59,7 @@ def _backward(ctx, grad_loss):
     return (*grads, None, None, None, None)
 
 
-mpm_nce_forward.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(mpm_nce_forward, _backward, _setup_context)
 
 
 def _reference_forward(image, text, positives, logit_scale, margin, label_smoothing):

@@ -14,7 +14,7 @@ import torch
 from .. import _validate as check
 from .. import reference
 from . import _grads
-from ._registry import kernel_for, register, register_from
+from ._registry import kernel_for, register, register_autograd, register_from
 from ._scalars import effective_scale, split_scale
 
 Tensor = torch.Tensor
@@ -72,7 +72,7 @@ def _backward(ctx, grad_y):
     return (*grads, None, None)
 
 
-radapter_forward.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(radapter_forward, _backward, _setup_context)
 
 
 def _reference_forward(x, base_weight, base_bias, full_weight, down_weight, up_weight, scale,
@@ -139,3 +139,51 @@ def radapter(x: Tensor, base_weight: Tensor, base_bias: Optional[Tensor], *,
 # triton backend (kernels/radapter.py), when triton imports
 register_from("triton", "pyadapt.kernels.radapter",
               {"radapter_forward": "forward", "radapter_backward": "backward"})
+
+
+# ---------------------------------------------------------------------------------------------
+# cpu backend (csrc/cpu/radapter.cpp), when the native extension was built. It computes float32
+# and float64, and bf16/fp16 storage in float32 (rounded once, here); other dtypes or devices
+# run the reference.
+
+from . import _native  # noqa: E402
+
+_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _cpu_covers(x) -> bool:
+    return x.device.type == "cpu" and x.dtype in _CPU_DTYPES
+
+
+def _scale_float(scale, scale_value, x) -> float:
+    # A learnable scale is used in x's dtype, as the reference uses it.
+    return scale_value if scale is None else float(scale.to(x.dtype))
+
+
+def _cpu_forward(x, base_weight, base_bias, full_weight, down_weight, up_weight, scale,
+                 scale_value, row_scale):
+    if not _cpu_covers(x):
+        return _reference_forward(x, base_weight, base_bias, full_weight, down_weight, up_weight,
+                                  scale, scale_value, row_scale)
+    y = _native.ops().radapter_forward(x, base_weight, base_bias, full_weight, down_weight,
+                                       up_weight, _scale_float(scale, scale_value, x), row_scale)
+    return y.to(x.dtype)
+
+
+def _cpu_backward(grad_y, x, base_weight, base_bias, full_weight, down_weight, up_weight, scale,
+                  scale_value, row_scale, needs):
+    if not _cpu_covers(x):
+        return _reference_backward(grad_y, x, base_weight, base_bias, full_weight, down_weight,
+                                   up_weight, scale, scale_value, row_scale, needs)
+    flags = [bool(n) for n in needs]
+    flags[6] = flags[6] and scale is not None
+    grads = _native.ops().radapter_backward(grad_y, x, base_weight, base_bias, full_weight,
+                                            down_weight, up_weight,
+                                            _scale_float(scale, scale_value, x), row_scale, flags)
+    inputs = [x, base_weight, base_bias, full_weight, down_weight, up_weight, scale]
+    return _grads.pack(grads, inputs, needs, x)
+
+
+if _native.available:
+    register("radapter_forward", "cpu", _cpu_forward)
+    register("radapter_backward", "cpu", _cpu_backward)

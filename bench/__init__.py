@@ -1,0 +1,3 @@
+"""Benchmarks of pyadapt: pytest-benchmark suites (`pytest bench --benchmark-only`), the GPU
+roofline report (`python -m bench.report`) and the README results table (`python -m
+bench.readme_table`)."""

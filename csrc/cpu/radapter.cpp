@@ -1,0 +1,192 @@
+// CPU kernels of the R-Adapter op (pyadapt/ops/radapter.py):
+//   y = z + scale * row_scale * q,   z = x W_o^T + b_o,   q = z W_f^T  or  (z W_d^T) W_u^T
+// The adapter is linear, so without per-row scales it folds into the frozen weight, as the
+// Triton backend does: W_k = (I + c W_f) W_o, b_k = (I + c W_f) b_o (W_f = W_u W_d in the
+// low-rank form), and the forward is one GEMM y = b_k + x W_k^T. Folding costs d_out^2 d_in
+// (full) or 2 r d_out d_in (low rank) flops against M d_out^2 (2 M r d_out) to apply the adapter
+// to the rows, so it runs when d_in <= M. The backward's dx = (g + c g W_f) W_o is then one GEMM
+// dx = g W_k. Per-row scales (adapter dropping) cannot fold into one weight: z and q are
+// computed and mixed row by row. The adapter's weight gradients and dscale share one product
+// over the rows: P = (row_scale g)^T z (full) or (row_scale g)^T t with t = z W_d^T; dW_f (dW_u)
+// = c P and dscale = <P, W_f> (<P, W_u>), so q is never formed in the backward; in the
+// low-rank form z is not either (t and dW_d come from x through the small W_d W_o, W_d b_o),
+// which leaves dx as the backward's only large GEMM.
+// Every GEMM is a tiled_gemm (linear_common.h): bit-identical across runs and thread counts.
+// bf16/fp16 storage computes in float32 and rounds once (the Python glue casts the results).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "linear_common.h"
+
+namespace pyadapt {
+namespace {
+
+using namespace pyadapt::cpu;
+
+struct Inputs {
+  at::ScalarType ct;
+  at::Tensor x, Wo, bo, Wf, Wd, Wu, rs;
+  int64_t M, d_in, d_out;
+  bool full;
+};
+
+Inputs prepare(const at::Tensor& x, const at::Tensor& Wo, const c10::optional<at::Tensor>& bo,
+               const c10::optional<at::Tensor>& Wf, const c10::optional<at::Tensor>& Wd,
+               const c10::optional<at::Tensor>& Wu, const c10::optional<at::Tensor>& rs) {
+  TORCH_CHECK(x.device().is_cpu(), "radapter (cpu backend): expected CPU tensors");
+  TORCH_CHECK(x.dim() == 2 && Wo.dim() == 2, "radapter (cpu backend): x, base_weight must be 2-D");
+  check_storage(x.scalar_type(), "radapter");
+  Inputs in;
+  in.ct = compute_type(x.scalar_type());
+  in.x = in_compute(x, in.ct);
+  in.Wo = in_compute(Wo, in.ct);
+  in.bo = opt_in_compute(bo, in.ct);
+  in.Wf = opt_in_compute(Wf, in.ct);
+  in.Wd = opt_in_compute(Wd, in.ct);
+  in.Wu = opt_in_compute(Wu, in.ct);
+  in.rs = opt_in_compute(rs, in.ct);
+  in.full = in.Wf.defined();
+  TORCH_CHECK(in.full || (in.Wd.defined() && in.Wu.defined()),
+              "radapter (cpu backend): give full_weight, or down_weight and up_weight");
+  in.M = x.size(0);
+  in.d_in = x.size(1);
+  in.d_out = Wo.size(0);
+  return in;
+}
+
+bool fold_pays(const Inputs& in) { return in.d_in <= in.M; }
+
+// out = v + c W_f v for a (d_out x n) matrix v, with W_f = W_u W_d in the low-rank form.
+at::Tensor apply_adapter_to_columns(const Inputs& in, const at::Tensor& v, double c) {
+  at::Tensor out = at::empty_like(v);
+  if (in.full) {
+    tiled_gemm(out, in.Wf, v, Init::Matrix, v, 1.0, c);
+  } else {
+    at::Tensor t = det_mm(in.Wd, v);  // (r x n)
+    tiled_gemm(out, in.Wu, t, Init::Matrix, v, 1.0, c);
+  }
+  return out;
+}
+
+// W_k = (I + c W_f) W_o and b_k = (I + c W_f) b_o (undefined without b_o).
+std::pair<at::Tensor, at::Tensor> folded(const Inputs& in, double c) {
+  at::Tensor Wk = apply_adapter_to_columns(in, in.Wo, c);
+  at::Tensor bk;
+  if (in.bo.defined()) bk = apply_adapter_to_columns(in, in.bo.view({in.d_out, 1}), c).view(-1);
+  return {Wk, bk};
+}
+
+at::Tensor radapter_forward_cpu(const at::Tensor& x_, const at::Tensor& Wo_,
+                                const c10::optional<at::Tensor>& bo_,
+                                const c10::optional<at::Tensor>& Wf_,
+                                const c10::optional<at::Tensor>& Wd_,
+                                const c10::optional<at::Tensor>& Wu_, double c,
+                                const c10::optional<at::Tensor>& rs_) {
+  at::NoGradGuard no_grad;  // ATen calls on inputs that may require grad
+  Inputs in = prepare(x_, Wo_, bo_, Wf_, Wd_, Wu_, rs_);
+  if (in.M == 0) return at::empty({0, in.d_out}, in.x.options());
+  if (!in.rs.defined() && fold_pays(in)) {
+    auto [Wk, bk] = folded(in, c);
+    return det_linear(in.x, Wk.t(), bk);
+  }
+  at::Tensor z = det_linear(in.x, in.Wo.t(), in.bo);
+  at::Tensor t = in.full ? z : det_mm(z, in.Wd.t());  // what the last adapter matrix multiplies
+  const at::Tensor& last = in.full ? in.Wf : in.Wu;
+  at::Tensor y = at::empty_like(z);
+  if (!in.rs.defined()) {
+    tiled_gemm(y, t, last.t(), Init::Matrix, z, 1.0, c);  // y = z + c q
+    return y;
+  }
+  at::Tensor q = det_mm(t, last.t());
+  scale_rows(q, in.rs * c);
+  return z.add_(q);
+}
+
+// [dx, dW_o, db_o, dW_f, dW_d, dW_u, dscale] in the compute dtype; empty where not needed.
+std::vector<at::Tensor> radapter_backward_cpu(
+    const at::Tensor& gy_, const at::Tensor& x_, const at::Tensor& Wo_,
+    const c10::optional<at::Tensor>& bo_, const c10::optional<at::Tensor>& Wf_,
+    const c10::optional<at::Tensor>& Wd_, const c10::optional<at::Tensor>& Wu_, double c,
+    const c10::optional<at::Tensor>& rs_, c10::List<bool> needs) {
+  at::NoGradGuard no_grad;  // ATen calls on inputs that may require grad
+  TORCH_CHECK(needs.size() == 7, "radapter_backward: needs must have 7 entries");
+  Inputs in = prepare(x_, Wo_, bo_, Wf_, Wd_, Wu_, rs_);
+  const bool need_x = needs[0], need_Wo = needs[1], need_bo = needs[2] && in.bo.defined(),
+             need_Wf = needs[3] && in.full, need_Wd = needs[4] && !in.full,
+             need_Wu = needs[5] && !in.full, need_scale = needs[6];
+  at::Tensor g = in_compute(gy_, in.ct);
+  at::Tensor empty = at::empty({0}, in.x.options());
+  std::vector<at::Tensor> out(7, empty);
+  at::Tensor g_row = g;
+  if (in.rs.defined()) {
+    g_row = g.clone();
+    scale_rows(g_row, in.rs);
+  }
+  const bool need_dz = need_Wo || need_bo || (need_x && (in.rs.defined() || !fold_pays(in)));
+
+  // dscale = <P, W> sums d_out^2 (d_out r) terms that cancel: P's rounding error, amplified by
+  // the cancellation, would dominate in float32, so P (and t) are computed in double for it.
+  auto wide = [&](const at::Tensor& t) { return need_scale ? t.to(at::kDouble) : t; };
+  at::Tensor z;
+  if (in.full && (need_Wf || need_scale)) z = det_linear(in.x, in.Wo.t(), in.bo);
+  at::Tensor dz;
+  if (in.full) {
+    if (need_Wf || need_scale) {
+      at::Tensor P = det_mm(wide(g_row).t(), wide(z));  // (d_out x d_out)
+      if (need_scale) out[6] = at::scalar_tensor(dot_all(P, in.Wf), in.x.options());
+      if (need_Wf) out[3] = P.mul_(c).to(in.ct);
+    }
+    if (need_dz) {
+      dz = at::empty_like(g);
+      tiled_gemm(dz, g_row, in.Wf, Init::Matrix, g, 1.0, c);  // dz = g + c g_row W_f
+    }
+  } else {
+    // z = x W_o^T + b_o is never formed here: t = z W_d^T = x (W_d W_o)^T + W_d b_o and
+    // dW_d = dt^T z = (dt^T x) W_o^T + (dt^T 1) b_o^T, so dx is the only large GEMM left.
+    if (need_Wu || need_scale) {
+      at::Tensor Wd = wide(in.Wd), tb;
+      if (in.bo.defined()) tb = det_mm(Wd, wide(in.bo).view({in.d_out, 1})).view(-1);
+      at::Tensor t = det_linear(wide(in.x), det_mm(Wd, wide(in.Wo)).t(), tb);  // (M x r)
+      at::Tensor P = det_mm(wide(g_row).t(), t);  // (d_out x r)
+      if (need_scale) out[6] = at::scalar_tensor(dot_all(P, in.Wu), in.x.options());
+      if (need_Wu) out[5] = P.mul_(c).to(in.ct);
+    }
+    if (need_Wd || need_dz) {
+      at::Tensor dt = det_mm(g_row, in.Wu, c);    // (M x r)
+      if (need_Wd) {
+        at::Tensor dWd = det_mm(det_mm(dt.t(), in.x), in.Wo.t());  // (dt^T x) W_o^T
+        if (in.bo.defined())
+          det_addmm_(dWd, column_sum(dt).view({-1, 1}), in.bo.view({1, in.d_out}), 1.0);
+        out[4] = dWd;
+      }
+      if (need_dz) {
+        dz = at::empty_like(g);
+        tiled_gemm(dz, dt, in.Wd, Init::Matrix, g, 1.0, 1.0);  // dz = g + dt W_d
+      }
+    }
+  }
+  if (need_x) out[0] = dz.defined() ? det_mm(dz, in.Wo) : det_mm(g, folded(in, c).first);
+  if (need_Wo) out[1] = det_mm(dz.t(), in.x);
+  if (need_bo) out[2] = column_sum(dz);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pyadapt_C, m) {
+  m.def("radapter_forward(Tensor x, Tensor base_weight, Tensor? base_bias, Tensor? full_weight, "
+        "Tensor? down_weight, Tensor? up_weight, float scale, Tensor? row_scale) -> Tensor");
+  m.def("radapter_backward(Tensor grad_y, Tensor x, Tensor base_weight, Tensor? base_bias, "
+        "Tensor? full_weight, Tensor? down_weight, Tensor? up_weight, float scale, "
+        "Tensor? row_scale, bool[] needs) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(pyadapt_C, CPU, m) {
+  m.impl("radapter_forward", &radapter_forward_cpu);
+  m.impl("radapter_backward", &radapter_backward_cpu);
+}
+
+}  // namespace pyadapt

@@ -1,0 +1,576 @@
+"""AdapterBank: many adapters of one kind applied to one mixed batch, each sample (or row) by its
+own adapter, in one op (pyadapt.ops.bank). Kinds done: bottleneck / MMA adapters
+(pyadapt.FusedAdapter, with or without a shared middle projection) in AdapterBank, LoRA
+adapters of one frozen linear (pyadapt.LowRankAdapter) in LowRankAdapterBank, and low-rank
+R-Adapters of one frozen linear (pyadapt.RAdapter with rank=r) in RAdapterBank;
+AdapterBank.from_adapters builds whichever fits the modules it is given. Not done: CP/Tucker
+(Aurora) adapters and the full-rank R-Adapter."""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _validate as check
+from ._module import AdapterModule, cast, compute_dtype, rows
+from .adapters import FusedAdapter
+from .linear import LowRankAdapter, RAdapter
+from .ops import bank as bank_ops
+from .reference import ACTIVATIONS
+
+Tensor = torch.Tensor
+
+# state-dict names of one FusedAdapter (pyadapt.adapter_state_dict of the adapter itself)
+_ADAPTER_KEYS = ("down.weight", "down.bias", "shared.weight", "shared.bias", "up.weight",
+                 "up.bias")
+
+
+class AdapterBank(AdapterModule):
+    """N bottleneck adapters stored as stacked tensors, applied per sample or per row:
+
+        y[m] = residual[m] + scale[a] * up_a(act(shared_a?(act(down_a(x[m])))))   a = ids[m]
+        y[m] = residual[m]                                                       ids[m] == -1
+
+    (residual defaults to x). Parameters: down_weight (N, r, d), up_weight (N, d, r),
+    down_bias (N, r) and up_bias (N, d) when bias, shared_weight (N, r, r) and shared_bias (N, r)
+    when shared; scale (N,) is a parameter with learn_scale, else a float64 buffer (fixed
+    scales stay exact). Every stacked tensor is an ordinary parameter: a mixed batch trains all
+    the adapters it names (multi-task training); adapters no row names get zero gradient.
+
+    Build it from trained modules (`from_adapters`), from saved adapter state dicts
+    (`from_state_dicts`), or fresh; `to_adapters()` gives FusedAdapter modules back. Each adapter
+    gets its own copy of a shared projection (an MMA layer's image and text adapters share one;
+    a bank of image adapters from N tasks holds N of them).
+
+    Adapter ids: see `forward`. validate=True (default) checks their range with one host sync
+    and raises ValueError; validate=False (serving) never syncs, and out-of-range ids then pass
+    their rows through unchanged, like -1.
+
+    It is an adapter module like the others: pyadapt.adapter_state_dict / checkpoints hold its
+    stacked tensors, and pyadapt.AdapterEMA averages them (eval then uses the shadows).
+    Not supported: adapter dropout (the bank raises in training mode when dropout > 0; eval is
+    unaffected) and row_scale."""
+
+    kind = "bottleneck"
+
+    def __init__(self, num_adapters: int, in_features: int, bottleneck: int,
+                 activation: str = "relu", bias: bool = True,
+                 scale: float | Sequence[float] = 0.001, shared: bool = False, *,
+                 shared_bias: bool = True, learn_scale: bool = False,
+                 grad_scale_invariant: bool = False, dropout: float = 0.0,
+                 validate: bool = True, device=None, dtype=None):
+        super().__init__()
+        n = self.num_adapters = check.positive_int("num_adapters", num_adapters)
+        d = self.in_features = check.positive_int("in_features", in_features)
+        r = self.bottleneck = check.positive_int("bottleneck", bottleneck)
+        self.activation = check.choice("activation", activation, ACTIVATIONS)
+        self.dropout = check.probability("dropout", dropout)
+        self.grad_scale_invariant = bool(grad_scale_invariant)
+        self.validate = bool(validate)
+        scales = [scale] * n if isinstance(scale, (int, float)) else list(scale)
+        if len(scales) != n:
+            raise ValueError(f"scale: expected one value per adapter ({n}), got {len(scales)}")
+        scales = [check.finite("scale", s) for s in scales]
+        if self.grad_scale_invariant and any(s == 0.0 for s in scales):
+            raise ValueError("scale: expected non-zero values with grad_scale_invariant=True")
+        factory = {"device": device, "dtype": dtype}
+
+        def param(*shape):
+            return nn.Parameter(torch.zeros(shape, **factory))
+
+        self.down_weight = param(n, r, d)
+        self.up_weight = param(n, d, r)
+        self.down_bias = param(n, r) if bias else None
+        self.up_bias = param(n, d) if bias else None
+        self.shared_weight = param(n, r, r) if shared else None
+        self.shared_bias = param(n, r) if shared and shared_bias else None
+        if learn_scale:
+            self.scale = nn.Parameter(torch.tensor(scales, **factory))
+        else:
+            self.register_buffer("scale", torch.tensor(scales, dtype=torch.float64,
+                                                       device=device))
+        self.learn_scale = bool(learn_scale)
+        self._init_like_fused()
+
+    def _init_like_fused(self) -> None:
+        """Each slot starts as FusedAdapter's default ("lora") init: the identity map."""
+        with torch.no_grad():
+            for a in range(self.num_adapters):
+                nn.init.kaiming_uniform_(self.down_weight[a], a=5 ** 0.5)
+                if self.shared_weight is not None:
+                    nn.init.kaiming_uniform_(self.shared_weight[a], a=5 ** 0.5)
+
+    # -----------------------------------------------------------------------------------------
+
+    def forward(self, x: Tensor, adapter_ids: Tensor, residual: Optional[Tensor] = None,
+                validate: Optional[bool] = None) -> Tensor:
+        """x (B, ..., d) or (M, d); adapter_ids one id per sample (shape (B,)) or per row (shape
+        x.shape[:-1]), integers in [0, num_adapters) or -1 (no adapter: the row is
+        residual[m]); residual like x or None (then x). validate overrides the bank's setting
+        for this call."""
+        if self.training and self.dropout > 0.0:
+            raise ValueError(f"dropout: AdapterBank does not apply adapter dropout (the adapters "
+                             f"had p={self.dropout}); set bank.dropout = 0.0 to train without it")
+        x2 = rows("x", x, self.in_features, "in_features")
+        dtype = compute_dtype(x, self.down_weight, "down_weight")
+        ids = bank_ops.adapter_rows(adapter_ids, x, self.num_adapters,
+                                    validate=self.validate if validate is None else validate)
+        res2 = None
+        if residual is not None:
+            check.tensor("residual", residual)
+            check.shape("residual", residual, tuple(x.shape), "the shape of x")
+            res2 = residual.reshape(x2.shape)
+
+        def w(name):
+            t = getattr(self, name)
+            return None if t is None else cast(self._current(name, t), dtype)
+
+        y = bank_ops.bank_bottleneck(
+            cast(x2, dtype), ids, w("down_weight"), w("down_bias"), w("up_weight"), w("up_bias"),
+            w("shared_weight"), w("shared_bias"), scale=self._current("scale", self.scale),
+            residual=res2, activation=self.activation,
+            grad_scale_invariant=self.grad_scale_invariant)
+        return y.reshape(*x.shape[:-1], self.in_features)
+
+    # -----------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_adapters(cls, adapters: Sequence[FusedAdapter], *,
+                      validate: bool = True) -> "AdapterBank":
+        """A bank holding copies of the given FusedAdapters' weights, adapter i at id i. All must
+        have the same in_features, bottleneck, activation, bias, shared layout, scale kind
+        (fixed or learnable), grad_scale_invariant, dtype and device."""
+        adapters = list(adapters)
+        if not adapters:
+            raise ValueError("adapters: expected at least one adapter")
+        if cls is AdapterBank and isinstance(adapters[0], LowRankAdapter):
+            return LowRankAdapterBank.from_adapters(adapters, validate=validate)
+        if cls is AdapterBank and isinstance(adapters[0], RAdapter):
+            return RAdapterBank.from_adapters(adapters, validate=validate)
+        for i, a in enumerate(adapters):
+            if not isinstance(a, FusedAdapter):
+                raise TypeError(f"adapters[{i}]: expected a pyadapt.FusedAdapter, got "
+                                f"{type(a).__name__}")
+        first = adapters[0]
+
+        def layout(a: FusedAdapter) -> dict:
+            return {"in_features": a.in_features, "bottleneck": a.bottleneck,
+                    "activation": a.activation, "bias": a.down.bias is not None,
+                    "up bias": a.up.bias is not None, "shared": a.shared is not None,
+                    "shared bias": a.shared is not None and a.shared.bias is not None,
+                    "learnable scale": isinstance(a.scale, torch.Tensor),
+                    "grad_scale_invariant": a.grad_scale_invariant,
+                    "dtype": a.down.weight.dtype, "device": a.down.weight.device}
+
+        want = layout(first)
+        if want["bias"] != want["up bias"]:
+            raise ValueError("adapters[0]: expected down and up both with or both without bias")
+        for i, a in enumerate(adapters[1:], start=1):
+            got = layout(a)
+            for key, value in want.items():
+                if got[key] != value:
+                    raise ValueError(f"adapters[{i}]: expected {key} {value} (as adapters[0]), "
+                                     f"got {got[key]}")
+        learn = want["learnable scale"]
+        scales = [float(a.scale.detach()) if learn else a.scale for a in adapters]
+        bank = cls(len(adapters), first.in_features, first.bottleneck, first.activation,
+                   bias=want["bias"], scale=scales, shared=want["shared"],
+                   shared_bias=want["shared bias"], learn_scale=learn,
+                   grad_scale_invariant=first.grad_scale_invariant,
+                   dropout=max(a.dropout for a in adapters), validate=validate,
+                   device=want["device"], dtype=want["dtype"])
+        with torch.no_grad():
+            for i, a in enumerate(adapters):
+                bank.down_weight[i].copy_(a.down.weight)
+                bank.up_weight[i].copy_(a.up.weight)
+                if bank.down_bias is not None:
+                    bank.down_bias[i].copy_(a.down.bias)
+                    bank.up_bias[i].copy_(a.up.bias)
+                if bank.shared_weight is not None:
+                    bank.shared_weight[i].copy_(a.shared.weight)
+                    if bank.shared_bias is not None:
+                        bank.shared_bias[i].copy_(a.shared.bias)
+                if learn:
+                    bank.scale[i].copy_(a.scale.detach())
+        return bank
+
+    @classmethod
+    def from_state_dicts(cls, state_dicts: Sequence[dict], *, activation: str = "relu",
+                         scale: float | Sequence[float] = 0.001,
+                         grad_scale_invariant: bool = False, validate: bool = True,
+                         device=None, dtype=None) -> "AdapterBank":
+        """A bank from saved adapters: each state dict is pyadapt.adapter_state_dict of one
+        FusedAdapter (keys down.weight, up.weight, optional down.bias, up.bias, shared.weight,
+        shared.bias, and scale when it was learnable), possibly under one common prefix
+        ("visual.adapter.down.weight", ...). Shapes give in_features and bottleneck; what a
+        state dict does not hold (activation, a fixed scale, grad_scale_invariant) is given
+        here."""
+        state_dicts = list(state_dicts)
+        if not state_dicts:
+            raise ValueError("state_dicts: expected at least one adapter state dict")
+        n = len(state_dicts)
+        fixed = [scale] * n if isinstance(scale, (int, float)) else list(scale)
+        if len(fixed) != n:
+            raise ValueError(f"scale: expected one value per state dict ({n}), got {len(fixed)}")
+        adapters = []
+        for i, sd in enumerate(state_dicts):
+            what = f"state_dicts[{i}]"
+            if not isinstance(sd, dict):
+                raise TypeError(f"{what}: expected a dict of tensors, got {type(sd).__name__}")
+            prefixes = {k[:-len("down.weight")] for k in sd if k.endswith("down.weight")}
+            if len(prefixes) != 1:
+                raise ValueError(f"{what}: expected exactly one '<prefix>down.weight' key "
+                                 f"(one FusedAdapter), found {len(prefixes)}")
+            prefix = prefixes.pop()
+            own = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            unexpected = sorted(set(own) - set(_ADAPTER_KEYS) - {"scale"})
+            if unexpected or len(own) != len(sd):
+                extra = unexpected + sorted(k for k in sd if not k.startswith(prefix))
+                raise ValueError(f"{what}: unexpected keys {extra}")
+            if "up.weight" not in own:
+                raise ValueError(f"{what}: missing key {prefix + 'up.weight'!r}")
+            down = own["down.weight"]
+            if not isinstance(down, torch.Tensor) or down.dim() != 2:
+                raise ValueError(f"{what}[{prefix + 'down.weight'!r}]: expected a 2-D tensor "
+                                 f"(bottleneck x in_features)")
+            r, d = down.shape
+            shared = None
+            if "shared.weight" in own:
+                shared = nn.Linear(r, r, bias="shared.bias" in own, device=device,
+                                   dtype=dtype or down.dtype)
+            adapter = FusedAdapter(d, r, activation, bias="down.bias" in own,
+                                   scale=float(own["scale"]) if "scale" in own else fixed[i],
+                                   shared=shared, learn_scale="scale" in own,
+                                   grad_scale_invariant=grad_scale_invariant, device=device,
+                                   dtype=dtype or down.dtype)
+            if ("down.bias" in own) != ("up.bias" in own):
+                raise ValueError(f"{what}: expected both or neither of down.bias and up.bias")
+            expected = dict(adapter.named_parameters())
+            for k, v in own.items():
+                if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(expected[k].shape):
+                    got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                    raise ValueError(f"{what}[{prefix + k!r}]: expected shape "
+                                     f"{tuple(expected[k].shape)}, got {got}")
+            with torch.no_grad():
+                for k, v in own.items():
+                    expected[k].copy_(v.reshape(expected[k].shape))
+            adapters.append(adapter)
+        return cls.from_adapters(adapters, validate=validate)
+
+    def to_adapters(self) -> list[FusedAdapter]:
+        """One FusedAdapter per slot, holding copies of its weights (each with its own shared
+        projection when the bank has one)."""
+        out = []
+        dtype, device = self.down_weight.dtype, self.down_weight.device
+        with torch.no_grad():
+            for a in range(self.num_adapters):
+                shared = None
+                if self.shared_weight is not None:
+                    shared = nn.Linear(self.bottleneck, self.bottleneck,
+                                       bias=self.shared_bias is not None, device=device,
+                                       dtype=dtype)
+                    shared.weight.copy_(self.shared_weight[a])
+                    if self.shared_bias is not None:
+                        shared.bias.copy_(self.shared_bias[a])
+                adapter = FusedAdapter(self.in_features, self.bottleneck, self.activation,
+                                       bias=self.down_bias is not None,
+                                       scale=float(self.scale[a]), dropout=self.dropout,
+                                       shared=shared, learn_scale=self.learn_scale,
+                                       grad_scale_invariant=self.grad_scale_invariant,
+                                       device=device, dtype=dtype)
+                adapter.down.weight.copy_(self.down_weight[a])
+                adapter.up.weight.copy_(self.up_weight[a])
+                if self.down_bias is not None:
+                    adapter.down.bias.copy_(self.down_bias[a])
+                    adapter.up.bias.copy_(self.up_bias[a])
+                if self.learn_scale:
+                    adapter.scale.copy_(self.scale[a])
+                out.append(adapter)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"num_adapters={self.num_adapters}, in_features={self.in_features}, "
+                f"bottleneck={self.bottleneck}, activation={self.activation}, "
+                f"shared={self.shared_weight is not None}, learn_scale={self.learn_scale}")
+
+
+class LowRankAdapterBank(AdapterModule):
+    """N LoRA adapters of ONE frozen linear (the same base model, N tasks), applied per sample or
+    per row in one op:
+
+        y[m] = base(x[m]) + scaling[a] * (x[m] A_a^T) B_a^T     a = ids[m] >= 0
+        y[m] = base(x[m])                                       ids[m] == -1
+
+    scaling[a] = alpha_a / rank (pyadapt.LowRankAdapter's form); A stacked as down_weight
+    (N, rank, in), B as up_weight (N, out, rank); the base is frozen and computed once for the
+    whole batch. Ids and validate as in AdapterBank. Adapter dropout is not applied (raises in
+    training when dropout > 0)."""
+
+    kind = "lowrank"
+
+    def __init__(self, base: nn.Linear, num_adapters: int, rank: int = 16,
+                 alpha: float | Sequence[float] = 16, *, dropout: float = 0.0,
+                 validate: bool = True):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
+        n = self.num_adapters = check.positive_int("num_adapters", num_adapters)
+        self.rank = check.positive_int("rank", rank)
+        limit = min(base.in_features, base.out_features)
+        if rank > limit:
+            raise ValueError(f"rank: expected 1 <= rank <= {limit} (min(in_features, "
+                             f"out_features) of base), got {rank}")
+        alphas = [alpha] * n if isinstance(alpha, (int, float)) else list(alpha)
+        if len(alphas) != n:
+            raise ValueError(f"alpha: expected one value per adapter ({n}), got {len(alphas)}")
+        self.alpha = [check.finite("alpha", a) for a in alphas]
+        self.dropout = check.probability("dropout", dropout)
+        self.validate = bool(validate)
+        self.base = base
+        base.requires_grad_(False)
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.down_weight = nn.Parameter(torch.empty(n, rank, base.in_features, **factory))
+        self.up_weight = nn.Parameter(torch.zeros(n, base.out_features, rank, **factory))
+        with torch.no_grad():
+            for a in range(n):
+                nn.init.kaiming_uniform_(self.down_weight[a], a=5 ** 0.5)
+        self.register_buffer("scaling", torch.tensor([a / rank for a in self.alpha],
+                                                     dtype=torch.float64,
+                                                     device=base.weight.device))
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def adapter_tensors(self) -> Iterator[tuple[str, Tensor]]:
+        yield "down_weight", self.down_weight
+        yield "up_weight", self.up_weight
+
+    def forward(self, x: Tensor, adapter_ids: Tensor, validate: Optional[bool] = None) -> Tensor:
+        """x (B, ..., in_features); adapter_ids per sample (B,) or per row (x.shape[:-1])."""
+        if self.training and self.dropout > 0.0:
+            raise ValueError(f"dropout: LowRankAdapterBank does not apply adapter dropout (the "
+                             f"adapters had p={self.dropout}); set bank.dropout = 0.0 to train "
+                             f"without it")
+        x2 = rows("x", x, self.in_features, "in_features")
+        dtype = compute_dtype(x, self.base.weight, "base.weight")
+        ids = bank_ops.adapter_rows(adapter_ids, x, self.num_adapters,
+                                    validate=self.validate if validate is None else validate)
+        x2 = cast(x2, dtype)
+        base_out = F.linear(x2, cast(self.base.weight, dtype), cast(self.base.bias, dtype))
+        y = bank_ops.bank_bottleneck(
+            x2, ids, cast(self._current("down_weight", self.down_weight), dtype), None,
+            cast(self._current("up_weight", self.up_weight), dtype), None, scale=self.scaling,
+            residual=base_out, activation="identity")
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    @classmethod
+    def from_adapters(cls, adapters: Sequence[LowRankAdapter], *,
+                      validate: bool = True) -> "LowRankAdapterBank":
+        """A bank holding copies of the LoRA weights of LowRankAdapters that wrap the same base
+        (one module, or bases with identical weights and bias) with the same rank; the bank
+        keeps the first adapter's base module."""
+        adapters = list(adapters)
+        if not adapters:
+            raise ValueError("adapters: expected at least one adapter")
+        first = adapters[0]
+        for i, a in enumerate(adapters):
+            if not isinstance(a, LowRankAdapter):
+                raise TypeError(f"adapters[{i}]: expected a pyadapt.LowRankAdapter, got "
+                                f"{type(a).__name__}")
+            if a.merged:
+                raise ValueError(f"adapters[{i}]: is folded into its base; call "
+                                 f"pyadapt.unfold_ first")
+            if a.rank != first.rank:
+                raise ValueError(f"adapters[{i}]: expected rank {first.rank} (as adapters[0]), "
+                                 f"got {a.rank}")
+            if not _same_base(a.base, first.base):
+                raise ValueError(f"adapters[{i}]: expected the same frozen base as adapters[0] "
+                                 f"(a bank serves N tasks of one model)")
+        bank = cls(first.base, len(adapters), first.rank, [a.alpha for a in adapters],
+                   dropout=max(a.dropout for a in adapters), validate=validate)
+        with torch.no_grad():
+            for i, a in enumerate(adapters):
+                bank.down_weight[i].copy_(a.down_weight)
+                bank.up_weight[i].copy_(a.up_weight)
+        return bank
+
+    def to_adapters(self) -> list[LowRankAdapter]:
+        """One LowRankAdapter per slot, all wrapping the bank's base module (shared, frozen)."""
+        out = []
+        with torch.no_grad():
+            for a in range(self.num_adapters):
+                adapter = LowRankAdapter(self.base, self.rank, self.alpha[a], self.dropout)
+                adapter.down_weight.copy_(self.down_weight[a])
+                adapter.up_weight.copy_(self.up_weight[a])
+                out.append(adapter)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"num_adapters={self.num_adapters}, in_features={self.in_features}, "
+                f"out_features={self.out_features}, rank={self.rank}")
+
+
+def _same_base(a: nn.Linear, b: nn.Linear) -> bool:
+    """One module, or the same frozen weights and bias."""
+    if a is b:
+        return True
+    if a.weight.shape != b.weight.shape or not torch.equal(a.weight, b.weight):
+        return False
+    if (a.bias is None) != (b.bias is None):
+        return False
+    return a.bias is None or torch.equal(a.bias, b.bias)
+
+
+class RAdapterBank(AdapterModule):
+    """N low-rank R-Adapters of ONE frozen linear, applied per sample or per row in one op:
+
+        z = base(x);  y[m] = z[m] + c[a] * (z[m] W_d[a]^T) W_u[a]^T    a = ids[m] >= 0
+                      y[m] = z[m]                                     ids[m] == -1
+
+    c = s in training, s * eval_scale in eval (pyadapt.RAdapter's rule), s (N,) a parameter
+    with learn_scale, else a float64 buffer; W_d stacked as down_weight (N, rank, out), W_u as
+    up_weight (N, out, rank). Adapter dropping (drop_prob > 0) is not applied by the bank (it
+    raises in training); the full-rank form (rank=None) is not supported."""
+
+    kind = "radapter"
+
+    def __init__(self, base: nn.Linear, num_adapters: int, rank: int,
+                 scale: float | Sequence[float] = 0.1, *, learn_scale: bool = True,
+                 eval_scale: float | Sequence[float] = 0.5, drop_prob: float = 0.0,
+                 validate: bool = True):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
+        n = self.num_adapters = check.positive_int("num_adapters", num_adapters)
+        d = base.out_features
+        self.rank = check.positive_int("rank", rank)
+        if rank > d:
+            raise ValueError(f"rank: expected 1 <= rank <= {d} (out_features of base), got "
+                             f"{rank}")
+
+        def per_adapter(name, v):
+            vals = [v] * n if isinstance(v, (int, float)) else list(v)
+            if len(vals) != n:
+                raise ValueError(f"{name}: expected one value per adapter ({n}), got {len(vals)}")
+            return [check.finite(name, x) for x in vals]
+
+        scales = per_adapter("scale", scale)
+        self.drop_prob = check.probability("drop_prob", drop_prob)
+        self.validate = bool(validate)
+        self.learn_scale = bool(learn_scale)
+        self.base = base
+        base.requires_grad_(False)
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.down_weight = nn.Parameter(torch.empty(n, rank, d, **factory))
+        self.up_weight = nn.Parameter(torch.zeros(n, d, rank, **factory))
+        with torch.no_grad():
+            for a in range(n):
+                nn.init.xavier_uniform_(self.down_weight[a])
+        if learn_scale:
+            self.scale = nn.Parameter(torch.tensor(scales, **factory))
+        else:
+            self.register_buffer("scale", torch.tensor(scales, dtype=torch.float64,
+                                                       device=base.weight.device))
+        self.register_buffer("eval_scale", torch.tensor(per_adapter("eval_scale", eval_scale),
+                                                        dtype=torch.float64,
+                                                        device=base.weight.device))
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def adapter_tensors(self) -> Iterator[tuple[str, Tensor]]:
+        yield "down_weight", self.down_weight
+        yield "up_weight", self.up_weight
+        if self.learn_scale:
+            yield "scale", self.scale
+
+    def forward(self, x: Tensor, adapter_ids: Tensor, validate: Optional[bool] = None) -> Tensor:
+        """x (B, ..., in_features); adapter_ids per sample (B,) or per row (x.shape[:-1])."""
+        if self.training and self.drop_prob > 0.0:
+            raise ValueError(f"drop_prob: RAdapterBank does not apply adapter dropping (the "
+                             f"adapters had p={self.drop_prob}); set bank.drop_prob = 0.0 to "
+                             f"train without it")
+        x2 = rows("x", x, self.in_features, "in_features")
+        dtype = compute_dtype(x, self.base.weight, "base.weight")
+        ids = bank_ops.adapter_rows(adapter_ids, x, self.num_adapters,
+                                    validate=self.validate if validate is None else validate)
+        z = F.linear(cast(x2, dtype), cast(self.base.weight, dtype), cast(self.base.bias, dtype))
+        s = self._current("scale", self.scale) if self.learn_scale else self.scale
+        c = s if self.training else s * self.eval_scale.to(s.dtype)
+        y = bank_ops.bank_bottleneck(
+            z, ids, cast(self._current("down_weight", self.down_weight), dtype), None,
+            cast(self._current("up_weight", self.up_weight), dtype), None, scale=c,
+            activation="identity")
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    @classmethod
+    def from_adapters(cls, adapters: Sequence[RAdapter], *,
+                      validate: bool = True) -> "RAdapterBank":
+        """A bank holding copies of low-rank RAdapters of the same base (one module, or
+        identical weights and bias), the same rank and the same scale kind (all learnable or
+        all fixed); the bank keeps the first adapter's base module."""
+        adapters = list(adapters)
+        if not adapters:
+            raise ValueError("adapters: expected at least one adapter")
+        first = adapters[0]
+        learn = isinstance(getattr(first, "scale", None), torch.Tensor)
+        for i, a in enumerate(adapters):
+            if not isinstance(a, RAdapter):
+                raise TypeError(f"adapters[{i}]: expected a pyadapt.RAdapter, got "
+                                f"{type(a).__name__}")
+            if a.rank is None:
+                raise ValueError(f"adapters[{i}]: expected a low-rank RAdapter (rank=r); the "
+                                 f"full-rank form is not supported by RAdapterBank")
+            if a.merged:
+                raise ValueError(f"adapters[{i}]: is folded into its base; call "
+                                 f"pyadapt.unfold_ first")
+            if a.rank != first.rank:
+                raise ValueError(f"adapters[{i}]: expected rank {first.rank} (as adapters[0]), "
+                                 f"got {a.rank}")
+            if isinstance(a.scale, torch.Tensor) != learn:
+                raise ValueError(f"adapters[{i}]: expected a {'learnable' if learn else 'fixed'} "
+                                 f"scale (as adapters[0])")
+            if not _same_base(a.base, first.base):
+                raise ValueError(f"adapters[{i}]: expected the same frozen base as adapters[0] "
+                                 f"(a bank serves N tasks of one model)")
+        bank = cls(first.base, len(adapters), first.rank,
+                   [float(a.scale.detach()) if learn else a.scale for a in adapters],
+                   learn_scale=learn,
+                   eval_scale=[a.eval_scale for a in adapters],
+                   drop_prob=max(a.drop_prob for a in adapters), validate=validate)
+        with torch.no_grad():
+            for i, a in enumerate(adapters):
+                bank.down_weight[i].copy_(a.down_weight)
+                bank.up_weight[i].copy_(a.up_weight)
+        return bank
+
+    def to_adapters(self) -> list[RAdapter]:
+        """One RAdapter per slot, all wrapping the bank's base module (shared, frozen)."""
+        out = []
+        with torch.no_grad():
+            for a in range(self.num_adapters):
+                adapter = RAdapter(self.base, self.rank, self.drop_prob, float(self.scale[a]),
+                                   learn_scale=self.learn_scale,
+                                   eval_scale=float(self.eval_scale[a]))
+                adapter.down_weight.copy_(self.down_weight[a])
+                adapter.up_weight.copy_(self.up_weight[a])
+                out.append(adapter)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"num_adapters={self.num_adapters}, in_features={self.in_features}, "
+                f"out_features={self.out_features}, rank={self.rank}, "
+                f"learn_scale={self.learn_scale}")
