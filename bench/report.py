@@ -308,7 +308,6 @@ def measure_ceilings() -> Dict[str, float]:
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
     copy_gbps = 2 * src.nbytes / (ms * 1e-3) / 1e9
-    del src, dst
     k = 8192
     a = torch.randn(k, k, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(k, k, device="cuda", dtype=torch.bfloat16)

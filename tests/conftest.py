@@ -106,3 +106,32 @@ def forbid_launches(monkeypatch):
         for name in names:
             monkeypatch.setattr(module, name, NoKernel())
     return forbid
+
+
+# Optional parts of an install that CI always has: a missing one fails its tests, unless the
+# matching PYADAPT_ALLOW_NO_* variable asks for a skip (a pure-Python install, no clip extra).
+
+@pytest.fixture
+def needs_native():
+    """Use as `pytestmark = pytest.mark.usefixtures("needs_native")` in native-backend tests."""
+    from pyadapt.ops import _native
+
+    if not _native.available:
+        msg = f"pyadapt._C (the native cpu backend) is not built: {_native.error}"
+        if os.environ.get("PYADAPT_ALLOW_NO_NATIVE", "0") == "1":
+            pytest.skip(msg)
+        pytest.fail(msg + " (set PYADAPT_ALLOW_NO_NATIVE=1 to skip on a pure-Python install)")
+
+
+def require_open_clip():
+    """Import open_clip at a test module's top, offline; call before importing from it."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import open_clip
+    except ImportError:
+        if os.environ.get("PYADAPT_ALLOW_NO_CLIP") == "1":
+            pytest.skip("open_clip_torch is not installed (PYADAPT_ALLOW_NO_CLIP=1)",
+                        allow_module_level=True)
+        raise ImportError("these tests need open_clip_torch (the clip extra): pip install -e "
+                          "'.[clip]', or set PYADAPT_ALLOW_NO_CLIP=1 to skip them") from None
+    return open_clip

@@ -11,14 +11,12 @@ deliberately installed without a compiler set PYADAPT_ALLOW_NO_NATIVE=1 to skip 
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 import pyadapt
 from pyadapt import reference
-from pyadapt.ops import _native
 from pyadapt.ops.bottleneck import bottleneck
 
 from conftest import REL_TOL, assert_close_rel, rel_err
@@ -27,13 +25,7 @@ F64 = torch.float64
 ACTS = reference.ACTIVATIONS
 
 
-@pytest.fixture(autouse=True)
-def _needs_native():
-    if not _native.available:
-        msg = f"pyadapt._C (the native cpu backend) is not built: {_native.error}"
-        if os.environ.get("PYADAPT_ALLOW_NO_NATIVE", "0") == "1":
-            pytest.skip(msg)
-        pytest.fail(msg + " (set PYADAPT_ALLOW_NO_NATIVE=1 to skip on a pure-Python install)")
+pytestmark = pytest.mark.usefixtures("needs_native")
 
 
 def _inputs(M, d, r, *, shared=True, bias=True, residual=True, row_scale=True, learn=True,

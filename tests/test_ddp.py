@@ -18,15 +18,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-try:
-    import open_clip  # noqa: F401
-except ImportError:  # CI installs the clip extra; elsewhere skipping must be asked for
-    if os.environ.get("PYADAPT_ALLOW_NO_CLIP") == "1":
-        pytest.skip("open_clip_torch is not installed (PYADAPT_ALLOW_NO_CLIP=1)",
-                    allow_module_level=True)
-    raise ImportError("these tests need open_clip_torch (the clip extra): pip install -e "
-                      "'.[clip]', or set PYADAPT_ALLOW_NO_CLIP=1 to skip them") from None
+from conftest import require_open_clip
+
+require_open_clip()
 
 WORLD = 2
 GLOBAL_BATCH = 4

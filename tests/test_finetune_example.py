@@ -10,15 +10,9 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-try:
-    import open_clip  # noqa: F401
-except ImportError:  # CI installs the clip extra; elsewhere skipping must be asked for
-    if os.environ.get("PYADAPT_ALLOW_NO_CLIP") == "1":
-        pytest.skip("open_clip_torch is not installed (PYADAPT_ALLOW_NO_CLIP=1)",
-                    allow_module_level=True)
-    raise ImportError("these tests need open_clip_torch (the clip extra): pip install -e "
-                      "'.[clip]', or set PYADAPT_ALLOW_NO_CLIP=1 to skip them") from None
+from conftest import require_open_clip
+
+require_open_clip()
 
 import pyadapt  # noqa: E402
 

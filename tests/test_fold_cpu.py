@@ -11,14 +11,12 @@ deliberately pure-Python install), as in tests/test_bottleneck_cpu.py.
 from __future__ import annotations
 
 import importlib
-import os
 
 import pytest
 import torch
 
 import pyadapt
 from pyadapt import reference
-from pyadapt.ops import _native
 from pyadapt.ops.fold import fold
 
 from conftest import REL_TOL, rel_err
@@ -29,13 +27,7 @@ F64 = torch.float64
 DTYPES = (torch.float32, F64, torch.bfloat16, torch.float16)
 
 
-@pytest.fixture(autouse=True)
-def _needs_native():
-    if not _native.available:
-        msg = f"pyadapt._C (the native cpu backend) is not built: {_native.error}"
-        if os.environ.get("PYADAPT_ALLOW_NO_NATIVE", "0") == "1":
-            pytest.skip(msg)
-        pytest.fail(msg + " (set PYADAPT_ALLOW_NO_NATIVE=1 to skip on a pure-Python install)")
+pytestmark = pytest.mark.usefixtures("needs_native")
 
 
 def _problem(shapes, dtypes, gen_seed=0, factor_dtype=None):

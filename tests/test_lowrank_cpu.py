@@ -10,13 +10,11 @@ deliberately pure-Python install), as in tests/test_bottleneck_cpu.py.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 import pyadapt
-from pyadapt.ops import _native
 from pyadapt.ops import lowrank as lowrank_mod
 from pyadapt.ops.lowrank import lowrank_linear
 
@@ -26,13 +24,7 @@ F64 = torch.float64
 NAMES = ("x", "weight", "bias", "down", "core", "up")
 
 
-@pytest.fixture(autouse=True)
-def _needs_native():
-    if not _native.available:
-        msg = f"pyadapt._C (the native cpu backend) is not built: {_native.error}"
-        if os.environ.get("PYADAPT_ALLOW_NO_NATIVE", "0") == "1":
-            pytest.skip(msg)
-        pytest.fail(msg + " (set PYADAPT_ALLOW_NO_NATIVE=1 to skip on a pure-Python install)")
+pytestmark = pytest.mark.usefixtures("needs_native")
 
 
 def _inputs(M, d_in, d_out, r1, r2=None, *, core=True, bias=True, gen_seed=0):

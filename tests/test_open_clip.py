@@ -16,29 +16,21 @@ Same outputs and same adapter gradients; frozen backbone parameters get no gradi
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-try:
-    import open_clip
-except ImportError:  # CI installs the clip extra; elsewhere skipping must be asked for
-    if os.environ.get("PYADAPT_ALLOW_NO_CLIP") == "1":
-        pytest.skip("open_clip_torch is not installed (PYADAPT_ALLOW_NO_CLIP=1)",
-                    allow_module_level=True)
-    raise ImportError("these tests need open_clip_torch (the clip extra): pip install -e "
-                      "'.[clip]', or set PYADAPT_ALLOW_NO_CLIP=1 to skip them") from None
+from conftest import assert_close_rel, require_open_clip
+
+open_clip = require_open_clip()
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg  # noqa: E402
 
 import pyadapt  # noqa: E402
 from pyadapt import _placement  # noqa: E402
 from pyadapt.integrations import open_clip as pa_clip  # noqa: E402
 
-from conftest import assert_close_rel  # noqa: E402
 
 VOCAB = 100
 

@@ -12,13 +12,11 @@ deliberately pure-Python install), as in tests/test_bottleneck_cpu.py.
 from __future__ import annotations
 
 import importlib
-import os
 
 import pytest
 import torch
 
 import pyadapt
-from pyadapt.ops import _native
 from pyadapt.ops.radapter import radapter
 
 from conftest import REL_TOL, assert_close_rel, rel_err
@@ -29,13 +27,7 @@ F64 = torch.float64
 NAMES = ("x", "base_w", "base_b", "full", "down", "up")
 
 
-@pytest.fixture(autouse=True)
-def _needs_native():
-    if not _native.available:
-        msg = f"pyadapt._C (the native cpu backend) is not built: {_native.error}"
-        if os.environ.get("PYADAPT_ALLOW_NO_NATIVE", "0") == "1":
-            pytest.skip(msg)
-        pytest.fail(msg + " (set PYADAPT_ALLOW_NO_NATIVE=1 to skip on a pure-Python install)")
+pytestmark = pytest.mark.usefixtures("needs_native")
 
 
 def _inputs(M, d_in, d_out, rank=None, *, bias=True, row_scale="drop", learn=True, gen_seed=0):
