@@ -47,7 +47,7 @@ TOLERANCE = {("cpu", torch.float32): 1e-4, ("cuda", torch.float32): 2e-3,
              ("cpu", torch.bfloat16): 2e-2, ("cuda", torch.bfloat16): 2e-2,
              ("cpu", torch.float16): 2e-2, ("cuda", torch.float16): 2e-2}
 
-ROUNDS = {"cpu": 10, "cuda": 50}
+ROUNDS = {"cpu": 20, "cuda": 50}
 WARMUP_ROUNDS = {"cpu": 2, "cuda": 5}
 
 

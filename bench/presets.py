@@ -69,6 +69,8 @@ PRESETS: Tuple[Preset, ...] = (
        m=16 * VIT_B16_IMAGE_TOKENS, d=768, r=32, shared=True, scale=0.001),
     _p("bottleneck", "ofa-base-decoder-b8", "cpu", "OFA-base decoder: 8 x 21 tokens, d 768, r 200",
        m=8 * 21, d=768, r=200, shared=False, scale=1.0),
+    _p("bottleneck", "m4096-d768-r32", "cpu", "issue 5's CPU target shape (plain bottleneck)",
+       m=4096, d=768, r=32, shared=False, scale=0.001),
     _p("bottleneck", "mma-image-b128", "cuda", "MMA ImageNet: 128 images x 197 tokens, d 768",
        m=128 * VIT_B16_IMAGE_TOKENS, d=768, r=32, shared=True, scale=0.001),
     _p("bottleneck", "mma-image-b16", "cuda", "MMA base-to-novel: 16 images x 197 tokens",
@@ -104,6 +106,8 @@ PRESETS: Tuple[Preset, ...] = (
     # --- LoRA / CP (lowrank op) ------------------------------------------------------------
     _p("lowrank", "lora-r16-vitb16-qkv-b4", "cpu", "LoRA r 16 on a 768 x 768 projection, 4 images",
        m=4 * VIT_B16_IMAGE_TOKENS, d_in=768, d_out=768, rank=16, alpha=16.0, sites=1),
+    _p("lowrank", "lora-r16-m4096", "cpu", "issue 5's CPU target shape: LoRA r 16, 768 x 768",
+       m=4096, d_in=768, d_out=768, rank=16, alpha=16.0, sites=1),
     _p("lowrank", "cp-R64-6proj-b1f2", "cpu", "Aurora Tucker R 64, 6 projections, 2 frames",
        m=2 * VIT_B16_IMAGE_TOKENS, d_in=768, d_out=768, rank=64, sites=6, core=True),
     _p("lowrank", "lora-r16-vitb16-qkv-b128", "cuda", "LoRA r 16, 768 x 768, 128 x 197 tokens",

@@ -2,12 +2,14 @@
 own adapter, in one op (pyadapt.ops.bank). Kinds done: bottleneck / MMA adapters
 (pyadapt.FusedAdapter, with or without a shared middle projection) in AdapterBank, LoRA
 adapters of one frozen linear (pyadapt.LowRankAdapter) in LowRankAdapterBank, and low-rank
-R-Adapters of one frozen linear (pyadapt.RAdapter with rank=r) in RAdapterBank;
-AdapterBank.from_adapters builds whichever fits the modules it is given. Not done: CP/Tucker
-(Aurora) adapters and the full-rank R-Adapter."""
+R-Adapters of one frozen linear (pyadapt.RAdapter with rank=r) in RAdapterBank, and CP/Tucker
+(Aurora) sites of one frozen linear (pyadapt.CPLinear) in CPAdapterBank;
+AdapterBank.from_adapters builds whichever fits the modules it is given. Not done: the
+full-rank R-Adapter."""
 
 from __future__ import annotations
 
+import math
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -17,7 +19,8 @@ from torch import nn
 from . import _validate as check
 from ._module import AdapterModule, cast, compute_dtype, rows
 from .adapters import FusedAdapter
-from .linear import LowRankAdapter, RAdapter
+from .linear import (CORES, DROPOUT_POSITIONS, CPAdapter, CPLinear, LowRankAdapter,
+                     RAdapter)
 from .ops import bank as bank_ops
 from .reference import ACTIVATIONS
 
@@ -150,6 +153,8 @@ class AdapterBank(AdapterModule):
             return LowRankAdapterBank.from_adapters(adapters, validate=validate)
         if cls is AdapterBank and isinstance(adapters[0], RAdapter):
             return RAdapterBank.from_adapters(adapters, validate=validate)
+        if cls is AdapterBank and isinstance(adapters[0], (CPLinear, CPAdapter)):
+            return CPAdapterBank.from_adapters(adapters, validate=validate)
         for i, a in enumerate(adapters):
             if not isinstance(a, FusedAdapter):
                 raise TypeError(f"adapters[{i}]: expected a pyadapt.FusedAdapter, got "
@@ -574,3 +579,212 @@ class RAdapterBank(AdapterModule):
         return (f"num_adapters={self.num_adapters}, in_features={self.in_features}, "
                 f"out_features={self.out_features}, rank={self.rank}, "
                 f"learn_scale={self.learn_scale}")
+
+
+class CPAdapterBank(AdapterModule):
+    """N CP / Tucker (Aurora) adapter sites of ONE frozen linear (the same projection of one
+    base model, N tasks each with its own trained pyadapt.CPAdapter), applied per sample or per
+    row in one op:
+
+        y[m] = base(x[m]) + ((x[m] A_a^T) K_a) B_a^T     a = ids[m] >= 0
+        y[m] = base(x[m])                                ids[m] == -1
+
+    with pyadapt.CPLinear's factors: A_a = blockdiag(U_a) (n_in R x in), B_a = blockdiag(V_a)
+    (out x n_out R), K_a built from the core C_a and the site's lambda_a (Tucker) or from
+    diag(lambda_a) (CP). Stacked parameters: U (N, R, width), V (N, width, R), C (N, R, R, R)
+    for core="tucker", lam (N, n_out, n_in, R). Each slot holds its own copy of its adapter's
+    U, V and core (in a CPAdapter they are shared by every site of one task; here the other
+    sites are elsewhere, so gradients land on the bank's copies only).
+
+    How it runs: the core is folded, inside autograd, into whichever factor gives the smaller
+    rank (per adapter a product of at most (out x n_out R) by (n_out R x n_in R)): with
+    n_in <= n_out, down = A_a and up = B_a K_a^T (rank n_in R); else down = K_a^T A_a and
+    up = B_a (rank n_out R). Then the LoRA form of the bank op (pyadapt.ops.bank, identity
+    activation, residual = the base output computed once for the batch) runs the grouped
+    kernels unchanged, and autograd carries their weight gradients back to U, V, C and lambda.
+    The fold runs in the parameters' dtype (autocast off) and is cast to the compute dtype once.
+
+    Ids and validate as in AdapterBank. Adapter dropout is not applied: in training mode the bank
+    raises when dropout > 0 (CPAdapter's default is 0.1: set bank.dropout = 0.0 to train
+    without it); eval, where the sites apply none, is unaffected."""
+
+    kind = "cp"
+
+    def __init__(self, base: nn.Linear, num_adapters: int, rank: int = 32, core: str = "tucker",
+                 *, width: Optional[int] = None, dropout: float = 0.0,
+                 dropout_position: str = "after_core", validate: bool = True):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
+        n = self.num_adapters = check.positive_int("num_adapters", num_adapters)
+        self.width = check.positive_int(
+            "width", width if width is not None else min(base.in_features, base.out_features))
+        if base.in_features % self.width or base.out_features % self.width:
+            raise ValueError(f"width: expected a divisor of in and out features of base "
+                             f"({base.in_features} -> {base.out_features}), got {self.width}")
+        self.rank = check.positive_int("rank", rank)
+        if rank > self.width:
+            raise ValueError(f"rank: expected 1 <= rank <= {self.width} (width), got {rank}")
+        self.core_kind = check.choice("core", core, CORES)
+        self.dropout = check.probability("dropout", dropout)
+        self.dropout_position = check.choice("dropout_position", dropout_position,
+                                             DROPOUT_POSITIONS)
+        self.validate = bool(validate)
+        self.n_out = base.out_features // self.width
+        self.n_in = base.in_features // self.width
+        self.base = base
+        base.requires_grad_(False)
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        R, w = self.rank, self.width
+        self.U = nn.Parameter(torch.empty(n, R, w, **factory))
+        self.V = nn.Parameter(torch.zeros(n, w, R, **factory))
+        if self.core_kind == "tucker":
+            self.C = nn.Parameter(torch.empty(n, R, R, R, **factory))
+        else:
+            self.register_parameter("C", None)
+        self.lam = nn.Parameter(torch.empty(n, self.n_out, self.n_in, R, **factory))
+        bound = math.sqrt(6.0 / (R + 4))    # CPLinear's lambda init
+        with torch.no_grad():               # each slot starts as a fresh one-site CPAdapter
+            for a in range(n):
+                nn.init.kaiming_uniform_(self.U[a], a=math.sqrt(5))
+                if self.C is not None:
+                    nn.init.xavier_uniform_(self.C[a])
+            nn.init.uniform_(self.lam, -bound, bound)
+        # the bank op's per-adapter scale: CPLinear's delta has scale 1 (not saved: constant)
+        self.register_buffer("_unit_scale", torch.ones(n, dtype=torch.float64,
+                                                       device=base.weight.device),
+                             persistent=False)
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def folded_rank(self) -> int:
+        """Rank of the LoRA-form factors the bank op runs on: R * min(n_in, n_out)."""
+        return self.rank * min(self.n_in, self.n_out)
+
+    def adapter_tensors(self) -> Iterator[tuple[str, Tensor]]:
+        yield "U", self.U
+        yield "V", self.V
+        if self.C is not None:
+            yield "C", self.C
+        yield "lam", self.lam
+
+    def lora_factors(self) -> tuple[Tensor, Tensor]:
+        """(down (N, r, in), up (N, out, r)), r = folded_rank, in the parameters' dtype and
+        differentiable in U, V, C, lam: adapter a's delta is (x down[a]^T) up[a]^T."""
+        t = {name: self._current(name, p) for name, p in self.adapter_tensors()}
+        U, V, lam = t["U"], t["V"], t["lam"]
+        with torch.autocast(U.device.type, enabled=False):
+            # core blocks m[a, o, i] (R x R): block (i, o) of K_a
+            if self.C is not None:
+                m = torch.einsum("nabc,noic->noiab", t["C"], lam)
+            else:
+                m = torch.diag_embed(lam)
+            n, R = self.num_adapters, self.rank
+            if self.n_in <= self.n_out:
+                eye = torch.eye(self.n_in, dtype=U.dtype, device=U.device)
+                down = torch.einsum("ij,naw->niajw", eye, U)
+                up = torch.einsum("nwb,noiab->nowia", V, m)
+                return (down.reshape(n, self.n_in * R, self.in_features),
+                        up.reshape(n, self.out_features, self.n_in * R))
+            eye = torch.eye(self.n_out, dtype=U.dtype, device=U.device)
+            down = torch.einsum("noiab,naw->nobiw", m, U)
+            up = torch.einsum("oq,nwb->nowqb", eye, V)
+            return (down.reshape(n, self.n_out * R, self.in_features),
+                    up.reshape(n, self.out_features, self.n_out * R))
+
+    def forward(self, x: Tensor, adapter_ids: Tensor, validate: Optional[bool] = None) -> Tensor:
+        """x (B, ..., in_features); adapter_ids per sample (B,) or per row (x.shape[:-1])."""
+        if self.training and self.dropout > 0.0:
+            raise ValueError(f"dropout: CPAdapterBank does not apply adapter dropout (the "
+                             f"adapters had p={self.dropout}); set bank.dropout = 0.0 to train "
+                             f"without it")
+        x2 = rows("x", x, self.in_features, "in_features")
+        dtype = compute_dtype(x, self.base.weight, "base.weight")
+        ids = bank_ops.adapter_rows(adapter_ids, x, self.num_adapters,
+                                    validate=self.validate if validate is None else validate)
+        x2 = cast(x2, dtype)
+        base_out = F.linear(x2, cast(self.base.weight, dtype), cast(self.base.bias, dtype))
+        down, up = self.lora_factors()
+        y = bank_ops.bank_bottleneck(x2, ids, cast(down, dtype), None, cast(up, dtype), None,
+                                     scale=self._unit_scale, residual=base_out,
+                                     activation="identity")
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    @classmethod
+    def from_adapters(cls, adapters: Sequence[CPLinear | CPAdapter], *,
+                      validate: bool = True) -> "CPAdapterBank":
+        """A bank holding copies of CP/Tucker sites of the same base (one module, or identical
+        weights and bias): each item a CPLinear (a site `cp[i]` of a task's CPAdapter) or a
+        CPAdapter with exactly one site. All need the same rank, core kind and width; the bank
+        keeps the first site's base module, the largest dropout and the first dropout_position
+        (neither is applied: see the class)."""
+        adapters = list(adapters)
+        if not adapters:
+            raise ValueError("adapters: expected at least one adapter")
+        sites: list[CPLinear] = []
+        for i, a in enumerate(adapters):
+            if isinstance(a, CPAdapter):
+                if len(a) != 1:
+                    raise ValueError(f"adapters[{i}]: a CPAdapter with {len(a)} sites is "
+                                     f"ambiguous; pass the site of this projection, cp[k]")
+                a = a[0]
+            if not isinstance(a, CPLinear):
+                raise TypeError(f"adapters[{i}]: expected a pyadapt.CPLinear (or a one-site "
+                                f"CPAdapter), got {type(a).__name__}")
+            sites.append(a)
+        first = sites[0]
+        width = first.in_features // first.n_in
+        for i, s in enumerate(sites):
+            if s.merged:
+                raise ValueError(f"adapters[{i}]: is folded into its base; call "
+                                 f"pyadapt.unfold_ first")
+            got = {"rank": s.rank, "core": s.core_kind, "width": s.in_features // s.n_in}
+            want = {"rank": first.rank, "core": first.core_kind, "width": width}
+            for key, value in want.items():
+                if got[key] != value:
+                    raise ValueError(f"adapters[{i}]: expected {key} {value} (as adapters[0]), "
+                                     f"got {got[key]}")
+            if not _same_base(s.base, first.base):
+                raise ValueError(f"adapters[{i}]: expected the same frozen base as adapters[0] "
+                                 f"(a bank serves N tasks of one model)")
+        bank = cls(first.base, len(sites), first.rank, first.core_kind, width=width,
+                   dropout=max(s.dropout for s in sites),
+                   dropout_position=first.dropout_position, validate=validate)
+        with torch.no_grad():
+            for i, s in enumerate(sites):
+                bank.U[i].copy_(s.U)
+                bank.V[i].copy_(s.V)
+                if bank.C is not None:
+                    bank.C[i].copy_(s.C)
+                bank.lam[i].copy_(s.lam)
+        return bank
+
+    def to_adapters(self) -> list[CPLinear]:
+        """One CPLinear per slot, each the only site of a new CPAdapter (its own U, V, core:
+        copies of the slot's), all wrapping the bank's base module (shared, frozen). A site
+        keeps its owner's parameters, not the owner: use `site.U` etc. to train them."""
+        out = []
+        with torch.no_grad():
+            for a in range(self.num_adapters):
+                owner = CPAdapter([self.base], self.rank, self.core_kind, self.dropout,
+                                  dropout_position=self.dropout_position, width=self.width)
+                site = owner[0]
+                site.U.copy_(self.U[a])
+                site.V.copy_(self.V[a])
+                if self.C is not None:
+                    site.C.copy_(self.C[a])
+                site.lam.copy_(self.lam[a])
+                out.append(site)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"num_adapters={self.num_adapters}, in_features={self.in_features}, "
+                f"out_features={self.out_features}, rank={self.rank}, core={self.core_kind}, "
+                f"blocks={self.n_out}x{self.n_in}, folded_rank={self.folded_rank}")

@@ -25,6 +25,11 @@ Placements (DESIGN.md section 7):
   block's residual add (OFA).
 - add_lowrank: LoRA (LowRankAdapter) or Aurora's CP/Tucker (one CPAdapter per tower) on the
   attention out-projection and the MLP linears.
+
+MMA lockstep (open_clip.model.CLIP only): `encode_both(model, image, text)` runs the two towers
+block by block together, each MMA index's image and text adapters in one op (one launch on the
+triton backend); `add_mma(..., lockstep=True)` or `enable_lockstep(model)` makes
+`model(image, text)` use it. Same values and gradients as the sequential encoders.
 """
 
 from __future__ import annotations
@@ -42,7 +47,9 @@ from ..adapters import FusedAdapter, MultiModalAdapter
 from ..linear import RAdapter
 
 try:
-    from open_clip.transformer import ResidualAttentionBlock, Transformer
+    from open_clip.model import CLIP
+    from open_clip.transformer import (ResidualAttentionBlock, Transformer, VisionTransformer,
+                                       text_global_pool)
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("pyadapt.integrations.open_clip needs open_clip_torch: "
                       "pip install 'pyadapt[clip]' (or pip install open_clip_torch)") from exc
@@ -50,8 +57,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 Tensor = torch.Tensor
 
 __all__ = ["AdaptedMultiheadAttention", "AdaptedResidualAttentionBlock", "AdapterSummary",
-           "MMAResidualAttentionBlock", "add_bottleneck", "add_lowrank", "add_mma",
-           "add_r_adapter", "mma_of", "summary", "towers"]
+           "LockstepCLIP", "MMAResidualAttentionBlock", "add_bottleneck", "add_lowrank",
+           "add_mma", "add_r_adapter", "disable_lockstep", "enable_lockstep", "encode_both",
+           "mma_of", "summary", "towers"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,10 +187,16 @@ class MMAResidualAttentionBlock(AdaptedResidualAttentionBlock):
                 attn_mask: Optional[Tensor] = None) -> Tensor:
         if k_x is not None or v_x is not None:
             raise ValueError("k_x, v_x: MMA blocks are self-attention blocks; expected None")
+        a, x = self.trunk(q_x, attn_mask)
+        return self.adapter(a, residual=x)
+
+    def trunk(self, q_x: Tensor, attn_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """The block without its adapter: (a = ln_1(q_x), the block's backbone output). The
+        lockstep forward (encode_both) feeds the two towers' pairs to one MMA op."""
         a = self.ln_1(q_x)
         x = q_x + self.ls_1(self.attention(q_x=a, attn_mask=attn_mask))
         x = x + self.ls_2(self.mlp(self.ln_2(x)))
-        return self.adapter(a, residual=x)
+        return a, x
 
 
 class _ThenAdapter(nn.Module):
@@ -199,14 +213,21 @@ class _ThenAdapter(nn.Module):
 
 def add_mma(model: nn.Module, start_layer: int = 5, end_layer: Optional[int] = None,
             bottleneck: int = 32, scale: float = 0.001, *, activation: str = "relu",
-            init: str = "kaiming", grad_scale_invariant: bool = True) -> AdapterSummary:
+            init: str = "kaiming", grad_scale_invariant: bool = True,
+            lockstep: bool = False) -> AdapterSummary:
     """Multi-modal adapter (MMA) in blocks start_layer..end_layer (1-based, inclusive, as the
     official code numbers them; end_layer None = the last block of the shallower tower) of the
     image and text towers. Layer 0 is the embedding level. Adapters: down Linear(d, bottleneck) +
     ReLU, the block index's shared Linear(bottleneck, bottleneck) + ReLU, up Linear(bottleneck,
     d), times scale; Kaiming-normal (fan_out) init and zero biases as the official code.
     Freezes the backbone; returns an AdapterSummary. Block i's adapter is
-    `<tower>.resblocks[i - 1].adapter`; `mma_of(model)` is the MultiModalAdapter holding them."""
+    `<tower>.resblocks[i - 1].adapter`; `mma_of(model)` is the MultiModalAdapter holding them.
+    lockstep=True also calls enable_lockstep(model): `model(image, text)` then advances both
+    towers block by block, each adapted index's two adapters in one op (see encode_both)."""
+    if not isinstance(lockstep, bool):
+        raise TypeError(f"lockstep: expected a bool, got {type(lockstep).__name__}")
+    if lockstep:
+        _check_lockstep_model(model)
     found = towers(model)
     kinds = {m for m, _, _ in found}
     if kinds != {"vision", "text"}:
@@ -249,7 +270,9 @@ def add_mma(model: nn.Module, start_layer: int = 5, end_layer: Optional[int] = N
     _placement.record(model, "open_clip.add_mma", {
         "start_layer": start_layer, "end_layer": end_layer, "bottleneck": bottleneck,
         "scale": scale, "activation": activation, "init": init,
-        "grad_scale_invariant": grad_scale_invariant})
+        "grad_scale_invariant": grad_scale_invariant, "lockstep": lockstep})
+    if lockstep:
+        enable_lockstep(model)
     return summary(model, "open_clip.add_mma", added)
 
 
@@ -263,6 +286,179 @@ def mma_of(model: nn.Module) -> MultiModalAdapter:
     if mma is None:
         raise ValueError("model: has no MMA adapters; call add_mma(model) first")
     return mma
+
+
+# ---------------------------------------------------------------------------------------------
+# MMA lockstep: both towers block by block, one op per adapted index
+# ---------------------------------------------------------------------------------------------
+
+class LockstepCLIP(CLIP):
+    """An open_clip CLIP whose forward(image, text), given both inputs, runs encode_both: the
+    two towers advance together and each MMA index's image and text adapters run in one op.
+    Same parameters, buffers and state-dict names as CLIP; enable_lockstep(model) switches an
+    MMA-adapted CLIP to this class in place, disable_lockstep(model) switches it back."""
+
+    def forward(self, image: Optional[Tensor] = None, text: Optional[Tensor] = None):
+        if image is None or text is None:  # one tower only: nothing to pair
+            return super().forward(image, text)
+        image_features, text_features = encode_both(self, image, text, normalize=True)
+        if self.output_dict:
+            out = {"image_features": image_features, "text_features": text_features,
+                   "logit_scale": self.logit_scale.exp()}
+            if self.logit_bias is not None:
+                out["logit_bias"] = self.logit_bias
+            return out
+        if self.logit_bias is not None:
+            return image_features, text_features, self.logit_scale.exp(), self.logit_bias
+        return image_features, text_features, self.logit_scale.exp()
+
+
+def _check_lockstep_model(model: nn.Module, blocks: bool = True) -> None:
+    """What encode_both reproduces: open_clip 3.x's CLIP with a ViT image tower."""
+    if not isinstance(model, CLIP) or type(model) not in (CLIP, LockstepCLIP):
+        raise TypeError(f"model: the lockstep forward needs an open_clip.model.CLIP (the class "
+                        f"itself: CustomTextCLIP, CoCa and CLIP subclasses define their own "
+                        f"towers), got {type(model).__name__}")
+    visual = model.visual
+    if not isinstance(visual, VisionTransformer) or not callable(getattr(visual, "_pool", None)):
+        raise TypeError(f"model.visual: the lockstep forward needs an open_clip 3.x "
+                        f"VisionTransformer, got {type(visual).__name__}")
+    if visual.output_tokens:
+        raise ValueError("model.visual.output_tokens: expected False (CLIP.encode_image cannot "
+                         "normalise a (pooled, tokens) pair either)")
+    if blocks:  # every block a plain ResidualAttentionBlock (or ours); not per forward
+        towers(model)
+
+
+def enable_lockstep(model: nn.Module) -> nn.Module:
+    """Make `model(image, text)` of an MMA-adapted open_clip CLIP use encode_both (both towers
+    block by block, one MMA op per adapted index); calls with only images or only texts are
+    unchanged. Switches the model's class to LockstepCLIP in place (parameters untouched) and
+    records the choice in the add_mma placement, so checkpoints rebuild it. Returns model."""
+    _check_lockstep_model(model)
+    mma_of(model)
+    object.__setattr__(model, "__class__", LockstepCLIP)
+    _mark_lockstep(model, True)
+    return model
+
+
+def disable_lockstep(model: nn.Module) -> nn.Module:
+    """Undo enable_lockstep: the towers run one after the other again. Returns model."""
+    if isinstance(model, LockstepCLIP):
+        object.__setattr__(model, "__class__", CLIP)
+        _mark_lockstep(model, False)
+    return model
+
+
+def _mark_lockstep(model: nn.Module, on: bool) -> None:
+    for entry in getattr(model, _placement.ATTR, []):
+        if entry.get("kind") == "open_clip.add_mma":
+            entry.setdefault("config", {})["lockstep"] = on
+
+
+def _split_then(module: nn.Module, adapter: Optional[FusedAdapter]):
+    """(inner module, embedding-level adapter) of a _ThenAdapter that holds `adapter`."""
+    if isinstance(module, _ThenAdapter) and adapter is not None and module.adapter is adapter:
+        return module.inner, adapter
+    return module, None
+
+
+def _advance_together(mma: MultiModalAdapter, t_v: Transformer, x_v: Tensor, t_t: Transformer,
+                      x_t: Tensor, mask_t: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Transformer.forward of both towers, interleaved block by block: at an index where both
+    blocks are this MMA's, their trunks run and then one mma.both call adds both adapters."""
+    for name, t in (("visual.transformer", t_v), ("transformer", t_t)):
+        if t.grad_checkpointing:
+            raise ValueError(f"model.{name}.grad_checkpointing: the lockstep forward does not "
+                             f"support gradient checkpointing; disable it or call "
+                             f"disable_lockstep(model)")
+    if not t_v.batch_first:
+        x_v = x_v.transpose(0, 1).contiguous()
+    if not t_t.batch_first:
+        x_t = x_t.transpose(0, 1).contiguous()
+    blocks_v, blocks_t = list(t_v.resblocks), list(t_t.resblocks)
+    paired = set(mma.layers)
+    for i in range(1, max(len(blocks_v), len(blocks_t)) + 1):
+        b_v = blocks_v[i - 1] if i <= len(blocks_v) else None
+        b_t = blocks_t[i - 1] if i <= len(blocks_t) else None
+        if (i in paired and isinstance(b_v, MMAResidualAttentionBlock) and
+                isinstance(b_t, MMAResidualAttentionBlock) and b_v.adapter is mma.vision(i) and
+                b_t.adapter is mma.text(i)):
+            a_v, r_v = b_v.trunk(x_v, None)
+            a_t, r_t = b_t.trunk(x_t, mask_t)
+            x_v, x_t = mma.both(i, a_v, a_t, r_v, r_t)
+            continue
+        if b_v is not None:
+            x_v = b_v(x_v, attn_mask=None)
+        if b_t is not None:
+            x_t = b_t(x_t, attn_mask=mask_t)
+    if not t_v.batch_first:
+        x_v = x_v.transpose(0, 1)
+    if not t_t.batch_first:
+        x_t = x_t.transpose(0, 1)
+    return x_v, x_t
+
+
+def encode_both(model: nn.Module, image: Tensor, text: Tensor,
+                normalize: bool = False) -> Tuple[Tensor, Tensor]:
+    """(model.encode_image(image, normalize), model.encode_text(text, normalize)) of an
+    MMA-adapted open_clip CLIP, computed with the two towers in lockstep: embeddings as open_clip
+    3.3 computes them, then block i of both transformers, then ln_post / pooling / proj and
+    ln_final / text pooling / text_projection. At each MMA index the image and text adapters run
+    through `mma_of(model).both(i, ...)`, one op (one launch on the triton backend) instead of
+    two; with adapter dropout in training or EMA evaluation, both() runs them separately. Same
+    values and gradients as the sequential encoders. Forward hooks registered on MMA blocks
+    themselves are not called (their trunk and adapter are called directly)."""
+    _check_lockstep_model(model, blocks=False)
+    mma = mma_of(model)
+    if not isinstance(image, Tensor):
+        raise TypeError(f"image: expected a Tensor (N, 3, H, W), got {type(image).__name__}")
+    if not isinstance(text, Tensor):
+        raise TypeError(f"text: expected a Tensor (N, context_length) of token ids, got "
+                        f"{type(text).__name__}")
+    visual = model.visual
+    has_0 = 0 in mma.layers
+    ln_pre, adapter_v0 = _split_then(visual.ln_pre, mma.vision(0) if has_0 else None)
+    token_embedding, adapter_t0 = _split_then(model.token_embedding,
+                                              mma.text(0) if has_0 else None)
+
+    # Image embeddings: VisionTransformer._embeds, with ln_pre's MMA adapter held back.
+    x_v = visual.conv1(image)
+    x_v = x_v.reshape(x_v.shape[0], x_v.shape[1], -1).permute(0, 2, 1)
+    cls = visual.class_embedding.view(1, 1, -1).expand(x_v.shape[0], -1, -1)
+    x_v = torch.cat([cls.to(x_v.dtype), x_v], dim=1)
+    x_v = x_v + visual.positional_embedding.to(x_v.dtype)
+    x_v = visual.patch_dropout(x_v)
+    x_v = ln_pre(x_v)
+    # Text embeddings: CLIP.encode_text, with the token embeddings' MMA adapter held back.
+    cast_dtype = model.transformer.get_cast_dtype()
+    e_t = token_embedding(text)
+    if adapter_v0 is not None and adapter_t0 is not None:
+        x_v, e_t = mma.both(0, x_v, e_t)
+    else:
+        x_v = x_v if adapter_v0 is None else adapter_v0(x_v)
+        e_t = e_t if adapter_t0 is None else adapter_t0(e_t)
+    x_t = e_t.to(cast_dtype) + model.positional_embedding.to(cast_dtype)
+
+    x_v, x_t = _advance_together(mma, visual.transformer, x_v, model.transformer, x_t,
+                                 model.attn_mask)
+
+    # Image head: VisionTransformer.forward after its transformer.
+    image_features, _ = visual._pool(x_v)
+    if visual.proj is not None:
+        image_features = image_features @ visual.proj
+    # Text head: CLIP.encode_text after its transformer.
+    x_t = model.ln_final(x_t)
+    text_features = text_global_pool(x_t, text, model.text_pool_type,
+                                     eos_token_id=getattr(model, "text_eos_id", None))
+    if model.text_projection is not None:
+        if isinstance(model.text_projection, nn.Linear):
+            text_features = model.text_projection(text_features)
+        else:
+            text_features = text_features @ model.text_projection
+    if normalize:
+        return F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
+    return image_features, text_features
 
 
 # ---------------------------------------------------------------------------------------------
