@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 from . import ops, reference
 from .adapters import FusedAdapter, MultiModalAdapter
-from .bank import AdapterBank, LowRankAdapterBank, RAdapterBank
+from .bank import AdapterBank, CPAdapterBank, LowRankAdapterBank, RAdapterBank
 from .checkpoint import load_adapters, save_adapters
 from .fold import AdapterEMA, adapter_state_dict, fold_, load_adapter_state_dict, unfold_
 from .inject import inject
@@ -40,14 +40,15 @@ def build_info() -> dict:
         "ops": ops.kernel_table(),
         "native_extension": ops._native.available,
         "native_extension_error": ops._native.error,
-        "cuda_archs": [],
+        "cuda_extension": ops._native_cuda.available,
+        "cuda_extension_error": ops._native_cuda.error,
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda_available": torch.cuda.is_available(),
     }
 
 
-__all__ = ["AdapterBank", "AdapterEMA", "LowRankAdapterBank", "RAdapterBank", "CPAdapter", "CPLinear", "ContextEnhancement", "FusedAdapter",
+__all__ = ["AdapterBank", "AdapterEMA", "CPAdapterBank", "LowRankAdapterBank", "RAdapterBank", "CPAdapter", "CPLinear", "ContextEnhancement", "FusedAdapter",
            "GatedQueryTransform", "LowRankAdapter", "MPMNCELoss", "MultiModalAdapter",
            "RAdapter", "adapter_state_dict", "available_backends", "build_info",
            "current_backend", "fold_", "inject", "load_adapter_state_dict", "load_adapters", "ops",

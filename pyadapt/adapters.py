@@ -181,7 +181,10 @@ class MultiModalAdapter(nn.Module):
         dropout, row_scale and EMA evaluation are not part of this path: with any of them on,
         the two adapters run separately."""
         vision, text = self.vision(i), self.text(i)
-        separate = (vision.dropout > 0.0 or text.dropout > 0.0) and self.training
+        # The branches' own training flags: the MultiModalAdapter may sit outside the model's
+        # module tree (open_clip's add_mma keeps it as a plain attribute).
+        separate = ((vision.dropout > 0.0 and vision.training) or
+                    (text.dropout > 0.0 and text.training))
         separate = separate or any(a._ema_in_eval and a._ema_shadow is not None and
                                    not a.training for a in (vision, text))
         if separate:

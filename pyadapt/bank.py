@@ -597,7 +597,7 @@ class CPAdapterBank(AdapterModule):
     sites are elsewhere, so gradients land on the bank's copies only).
 
     How it runs: the core is folded, inside autograd, into whichever factor gives the smaller
-    rank (per adapter a product of at most (out x n_out R) by (n_out R x n_in R)): with
+    rank (one small einsum over the N adapters, no block-diagonal matrix is multiplied): with
     n_in <= n_out, down = A_a and up = B_a K_a^T (rank n_in R); else down = K_a^T A_a and
     up = B_a (rank n_out R). Then the LoRA form of the bank op (pyadapt.ops.bank, identity
     activation, residual = the base output computed once for the batch) runs the grouped

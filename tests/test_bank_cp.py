@@ -6,10 +6,13 @@ M_oi = C x_3 lambda_oi or diag(lambda_oi)), and autograd through that loop for t
 x, U, V, C and lambda. The bank instead folds the core into one factor and runs the LoRA form of
 the bank op, so agreement checks the fold as well as the op. Also checked: the bank against the
 CPLinear sites it was built from, the triton backend (TRITON_INTERPRET=1 on CPU, small shapes,
-NaN-poisoned buffers), round trips, and bad input.
+NaN-poisoned buffers), round trips, and bad input. The @pytest.mark.gpu test (compiled kernels
+at Aurora's ViT-B fc1/fc2 shapes) FAILS without CUDA; run it with `pytest -m gpu` on a GPU machine.
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -392,3 +395,25 @@ def test_compiles_fullgraph():
     x, ids = torch.randn(5, 12, dtype=torch.float64), torch.tensor([0, 2, -1, 1, 0])
     compiled = torch.compile(bank, fullgraph=True, backend="aot_eager")
     assert_close_rel(compiled(x, ids), bank(x, ids).detach(), torch.float64, "compiled bank")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d_in,d_out", [(768, 3072), (3072, 768)])
+def test_gpu_aurora_shapes_float32(d_in, d_out):
+    """Aurora's fc1 / fc2 (width 768, rank 64), 8 tasks, 4096 rows: the compiled triton kernels
+    in float32 against the bank in float64 on the reference backend, forward and gradients."""
+    if not torch.cuda.is_available():
+        pytest.fail("CUDA is required for @pytest.mark.gpu tests")
+    gen = torch.Generator().manual_seed(d_in)
+    bank = make_bank(8, d_in, d_out, 768, 64, "tucker", torch.float32, gen=gen).cuda()
+    x = torch.randn(4096, d_in, generator=gen).cuda()
+    ids = torch.randint(-1, 8, (4096,), generator=gen).cuda()
+    g = torch.randn(4096, d_out, generator=gen).cuda()
+    with pyadapt.use_backend("triton"):
+        y, grads = bank_with_grads(bank, x, ids, g)
+    bank64 = copy.deepcopy(bank).double()
+    with pyadapt.use_backend("reference"):
+        y_ref, grads_ref = bank_with_grads(bank64, x.double(), ids, g.double())
+    assert_close_rel(y, y_ref, torch.float32, "y")
+    for k, ref in grads_ref.items():
+        assert_close_rel(grads[k], ref, torch.float32, f"d{k}")
