@@ -114,6 +114,11 @@ def forbid_launches(monkeypatch):
 @pytest.fixture
 def needs_native():
     """Use as `pytestmark = pytest.mark.usefixtures("needs_native")` in native-backend tests."""
+    require_native()
+
+
+def require_native():
+    """Fail (or, with PYADAPT_ALLOW_NO_NATIVE=1, skip) when pyadapt._C is not built."""
     from pyadapt.ops import _native
 
     if not _native.available:

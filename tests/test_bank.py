@@ -21,7 +21,7 @@ from pyadapt import reference
 from pyadapt.bank import AdapterBank
 from pyadapt.ops import bank as bank_ops
 
-from conftest import assert_close_rel
+from conftest import assert_close_rel, require_native
 
 # The native cpu backend runs the single-adapter C++ kernel per adapter group; like
 # test_bottleneck_cpu.py, its tests FAIL when pyadapt._C is missing unless
@@ -30,14 +30,8 @@ HOST_BACKENDS = ["reference", "cpu"]
 
 
 def _backend_ready(backend: str) -> None:
-    import os
-
-    from pyadapt.ops import _native
-    if backend == "cpu" and not _native.available:
-        msg = f"pyadapt._C (the native cpu backend) is not built: {_native.error}"
-        if os.environ.get("PYADAPT_ALLOW_NO_NATIVE") == "1":
-            pytest.skip(msg)
-        pytest.fail(msg)
+    if backend == "cpu":
+        require_native()
 
 STACKED = ("down_weight", "down_bias", "shared_weight", "shared_bias", "up_weight", "up_bias",
            "scale")

@@ -19,7 +19,7 @@ import pyadapt
 from pyadapt import reference
 from pyadapt.ops import bank as bank_ops
 
-from conftest import REL_TOL, assert_close_rel, rel_err
+from conftest import REL_TOL, assert_close_rel, rel_err, require_native
 
 triton = pytest.importorskip("triton")
 from pyadapt.kernels import mma_pair as K  # noqa: E402
@@ -28,16 +28,8 @@ BACKENDS = ["reference", "cpu", "triton"]
 
 
 def _backend_ready(backend: str) -> None:
-    """The native cpu backend FAILS when pyadapt._C is missing (as in test_bottleneck_cpu.py),
-    unless PYADAPT_ALLOW_NO_NATIVE=1 marks a deliberately pure-Python install."""
-    import os
-
-    from pyadapt.ops import _native
-    if backend == "cpu" and not _native.available:
-        msg = f"pyadapt._C (the native cpu backend) is not built: {_native.error}"
-        if os.environ.get("PYADAPT_ALLOW_NO_NATIVE") == "1":
-            pytest.skip(msg)
-        pytest.fail(msg)
+    if backend == "cpu":
+        require_native()
 
 
 def make_pair(d_v, d_t, r, dtype, *, bias=True, gen=None):
