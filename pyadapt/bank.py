@@ -302,7 +302,66 @@ class AdapterBank(AdapterModule):
                 f"shared={self.shared_weight is not None}, learn_scale={self.learn_scale}")
 
 
-class LowRankAdapterBank(AdapterModule):
+class _FrozenLinearBank(AdapterModule):
+    """What the banks over one frozen nn.Linear share: the base (frozen, its output computed
+    once per batch), the slot count, the id handling, and the checks of from_adapters."""
+
+    def _init_base(self, base: nn.Linear, num_adapters: int, validate: bool) -> dict:
+        """Checks and stores base / num_adapters / validate; returns the factory kwargs."""
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
+        self.num_adapters = check.positive_int("num_adapters", num_adapters)
+        self.validate = bool(validate)
+        self.base = base
+        base.requires_grad_(False)
+        return {"device": base.weight.device, "dtype": base.weight.dtype}
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def _refuse_training_dropout(self, name: str, p: float, what: str) -> None:
+        if self.training and p > 0.0:
+            raise ValueError(f"{name}: {type(self).__name__} does not apply {what} (the "
+                             f"adapters had p={p}); set bank.{name} = 0.0 to train without it")
+
+    def _rows_ids_base(self, x: Tensor, adapter_ids: Tensor,
+                       validate: Optional[bool]) -> tuple[Tensor, Tensor, Tensor, torch.dtype]:
+        """(x as rows in the compute dtype, per-row ids, base(x) rows, compute dtype)."""
+        x2 = rows("x", x, self.in_features, "in_features")
+        dtype = compute_dtype(x, self.base.weight, "base.weight")
+        ids = bank_ops.adapter_rows(adapter_ids, x, self.num_adapters,
+                                    validate=self.validate if validate is None else validate)
+        x2 = cast(x2, dtype)
+        base_out = F.linear(x2, cast(self.base.weight, dtype), cast(self.base.bias, dtype))
+        return x2, ids, base_out, dtype
+
+    @staticmethod
+    def _check_sources(adapters: list, kind: type, rank_of=lambda a: a.rank) -> None:
+        """Every item unfolded, with adapters[0]'s rank and the same frozen base."""
+        if not adapters:
+            raise ValueError("adapters: expected at least one adapter")
+        first = adapters[0]
+        for i, a in enumerate(adapters):
+            if not isinstance(a, kind):
+                raise TypeError(f"adapters[{i}]: expected a pyadapt.{kind.__name__}, got "
+                                f"{type(a).__name__}")
+            if a.merged:
+                raise ValueError(f"adapters[{i}]: is folded into its base; call "
+                                 f"pyadapt.unfold_ first")
+            if rank_of(a) != rank_of(first):
+                raise ValueError(f"adapters[{i}]: expected rank {rank_of(first)} (as "
+                                 f"adapters[0]), got {rank_of(a)}")
+            if not _same_base(a.base, first.base):
+                raise ValueError(f"adapters[{i}]: expected the same frozen base as adapters[0] "
+                                 f"(a bank serves N tasks of one model)")
+
+
+class LowRankAdapterBank(_FrozenLinearBank):
     """N LoRA adapters of ONE frozen linear (the same base model, N tasks), applied per sample or
     per row in one op:
 
@@ -320,9 +379,8 @@ class LowRankAdapterBank(AdapterModule):
                  alpha: float | Sequence[float] = 16, *, dropout: float = 0.0,
                  validate: bool = True):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
-        n = self.num_adapters = check.positive_int("num_adapters", num_adapters)
+        factory = self._init_base(base, num_adapters, validate)
+        n = self.num_adapters
         self.rank = check.positive_int("rank", rank)
         limit = min(base.in_features, base.out_features)
         if rank > limit:
@@ -333,10 +391,6 @@ class LowRankAdapterBank(AdapterModule):
             raise ValueError(f"alpha: expected one value per adapter ({n}), got {len(alphas)}")
         self.alpha = [check.finite("alpha", a) for a in alphas]
         self.dropout = check.probability("dropout", dropout)
-        self.validate = bool(validate)
-        self.base = base
-        base.requires_grad_(False)
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.down_weight = nn.Parameter(torch.empty(n, rank, base.in_features, **factory))
         self.up_weight = nn.Parameter(torch.zeros(n, base.out_features, rank, **factory))
         with torch.no_grad():
@@ -346,30 +400,14 @@ class LowRankAdapterBank(AdapterModule):
                                                      dtype=torch.float64,
                                                      device=base.weight.device))
 
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
     def adapter_tensors(self) -> Iterator[tuple[str, Tensor]]:
         yield "down_weight", self.down_weight
         yield "up_weight", self.up_weight
 
     def forward(self, x: Tensor, adapter_ids: Tensor, validate: Optional[bool] = None) -> Tensor:
         """x (B, ..., in_features); adapter_ids per sample (B,) or per row (x.shape[:-1])."""
-        if self.training and self.dropout > 0.0:
-            raise ValueError(f"dropout: LowRankAdapterBank does not apply adapter dropout (the "
-                             f"adapters had p={self.dropout}); set bank.dropout = 0.0 to train "
-                             f"without it")
-        x2 = rows("x", x, self.in_features, "in_features")
-        dtype = compute_dtype(x, self.base.weight, "base.weight")
-        ids = bank_ops.adapter_rows(adapter_ids, x, self.num_adapters,
-                                    validate=self.validate if validate is None else validate)
-        x2 = cast(x2, dtype)
-        base_out = F.linear(x2, cast(self.base.weight, dtype), cast(self.base.bias, dtype))
+        self._refuse_training_dropout("dropout", self.dropout, "adapter dropout")
+        x2, ids, base_out, dtype = self._rows_ids_base(x, adapter_ids, validate)
         y = bank_ops.bank_bottleneck(
             x2, ids, cast(self._current("down_weight", self.down_weight), dtype), None,
             cast(self._current("up_weight", self.up_weight), dtype), None, scale=self.scaling,
@@ -383,22 +421,8 @@ class LowRankAdapterBank(AdapterModule):
         (one module, or bases with identical weights and bias) with the same rank; the bank
         keeps the first adapter's base module."""
         adapters = list(adapters)
-        if not adapters:
-            raise ValueError("adapters: expected at least one adapter")
+        cls._check_sources(adapters, LowRankAdapter)
         first = adapters[0]
-        for i, a in enumerate(adapters):
-            if not isinstance(a, LowRankAdapter):
-                raise TypeError(f"adapters[{i}]: expected a pyadapt.LowRankAdapter, got "
-                                f"{type(a).__name__}")
-            if a.merged:
-                raise ValueError(f"adapters[{i}]: is folded into its base; call "
-                                 f"pyadapt.unfold_ first")
-            if a.rank != first.rank:
-                raise ValueError(f"adapters[{i}]: expected rank {first.rank} (as adapters[0]), "
-                                 f"got {a.rank}")
-            if not _same_base(a.base, first.base):
-                raise ValueError(f"adapters[{i}]: expected the same frozen base as adapters[0] "
-                                 f"(a bank serves N tasks of one model)")
         bank = cls(first.base, len(adapters), first.rank, [a.alpha for a in adapters],
                    dropout=max(a.dropout for a in adapters), validate=validate)
         with torch.no_grad():
@@ -434,7 +458,7 @@ def _same_base(a: nn.Linear, b: nn.Linear) -> bool:
     return a.bias is None or torch.equal(a.bias, b.bias)
 
 
-class RAdapterBank(AdapterModule):
+class RAdapterBank(_FrozenLinearBank):
     """N low-rank R-Adapters of ONE frozen linear, applied per sample or per row in one op:
 
         z = base(x);  y[m] = z[m] + c[a] * (z[m] W_d[a]^T) W_u[a]^T    a = ids[m] >= 0
@@ -452,9 +476,8 @@ class RAdapterBank(AdapterModule):
                  eval_scale: float | Sequence[float] = 0.5, drop_prob: float = 0.0,
                  validate: bool = True):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
-        n = self.num_adapters = check.positive_int("num_adapters", num_adapters)
+        factory = self._init_base(base, num_adapters, validate)
+        n = self.num_adapters
         d = base.out_features
         self.rank = check.positive_int("rank", rank)
         if rank > d:
@@ -469,11 +492,7 @@ class RAdapterBank(AdapterModule):
 
         scales = per_adapter("scale", scale)
         self.drop_prob = check.probability("drop_prob", drop_prob)
-        self.validate = bool(validate)
         self.learn_scale = bool(learn_scale)
-        self.base = base
-        base.requires_grad_(False)
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.down_weight = nn.Parameter(torch.empty(n, rank, d, **factory))
         self.up_weight = nn.Parameter(torch.zeros(n, d, rank, **factory))
         with torch.no_grad():
@@ -488,14 +507,6 @@ class RAdapterBank(AdapterModule):
                                                         dtype=torch.float64,
                                                         device=base.weight.device))
 
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
     def adapter_tensors(self) -> Iterator[tuple[str, Tensor]]:
         yield "down_weight", self.down_weight
         yield "up_weight", self.up_weight
@@ -504,15 +515,8 @@ class RAdapterBank(AdapterModule):
 
     def forward(self, x: Tensor, adapter_ids: Tensor, validate: Optional[bool] = None) -> Tensor:
         """x (B, ..., in_features); adapter_ids per sample (B,) or per row (x.shape[:-1])."""
-        if self.training and self.drop_prob > 0.0:
-            raise ValueError(f"drop_prob: RAdapterBank does not apply adapter dropping (the "
-                             f"adapters had p={self.drop_prob}); set bank.drop_prob = 0.0 to "
-                             f"train without it")
-        x2 = rows("x", x, self.in_features, "in_features")
-        dtype = compute_dtype(x, self.base.weight, "base.weight")
-        ids = bank_ops.adapter_rows(adapter_ids, x, self.num_adapters,
-                                    validate=self.validate if validate is None else validate)
-        z = F.linear(cast(x2, dtype), cast(self.base.weight, dtype), cast(self.base.bias, dtype))
+        self._refuse_training_dropout("drop_prob", self.drop_prob, "adapter dropping")
+        _, ids, z, dtype = self._rows_ids_base(x, adapter_ids, validate)
         s = self._current("scale", self.scale) if self.learn_scale else self.scale
         c = s if self.training else s * self.eval_scale.to(s.dtype)
         y = bank_ops.bank_bottleneck(
@@ -528,29 +532,17 @@ class RAdapterBank(AdapterModule):
         identical weights and bias), the same rank and the same scale kind (all learnable or
         all fixed); the bank keeps the first adapter's base module."""
         adapters = list(adapters)
-        if not adapters:
-            raise ValueError("adapters: expected at least one adapter")
+        for i, a in enumerate(adapters):
+            if isinstance(a, RAdapter) and a.rank is None:
+                raise ValueError(f"adapters[{i}]: expected a low-rank RAdapter (rank=r); the "
+                                 f"full-rank form is not supported by RAdapterBank")
+        cls._check_sources(adapters, RAdapter)
         first = adapters[0]
         learn = isinstance(getattr(first, "scale", None), torch.Tensor)
         for i, a in enumerate(adapters):
-            if not isinstance(a, RAdapter):
-                raise TypeError(f"adapters[{i}]: expected a pyadapt.RAdapter, got "
-                                f"{type(a).__name__}")
-            if a.rank is None:
-                raise ValueError(f"adapters[{i}]: expected a low-rank RAdapter (rank=r); the "
-                                 f"full-rank form is not supported by RAdapterBank")
-            if a.merged:
-                raise ValueError(f"adapters[{i}]: is folded into its base; call "
-                                 f"pyadapt.unfold_ first")
-            if a.rank != first.rank:
-                raise ValueError(f"adapters[{i}]: expected rank {first.rank} (as adapters[0]), "
-                                 f"got {a.rank}")
             if isinstance(a.scale, torch.Tensor) != learn:
                 raise ValueError(f"adapters[{i}]: expected a {'learnable' if learn else 'fixed'} "
                                  f"scale (as adapters[0])")
-            if not _same_base(a.base, first.base):
-                raise ValueError(f"adapters[{i}]: expected the same frozen base as adapters[0] "
-                                 f"(a bank serves N tasks of one model)")
         bank = cls(first.base, len(adapters), first.rank,
                    [float(a.scale.detach()) if learn else a.scale for a in adapters],
                    learn_scale=learn,
@@ -581,7 +573,7 @@ class RAdapterBank(AdapterModule):
                 f"learn_scale={self.learn_scale}")
 
 
-class CPAdapterBank(AdapterModule):
+class CPAdapterBank(_FrozenLinearBank):
     """N CP / Tucker (Aurora) adapter sites of ONE frozen linear (the same projection of one
     base model, N tasks each with its own trained pyadapt.CPAdapter), applied per sample or per
     row in one op:
@@ -614,9 +606,8 @@ class CPAdapterBank(AdapterModule):
                  *, width: Optional[int] = None, dropout: float = 0.0,
                  dropout_position: str = "after_core", validate: bool = True):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
-        n = self.num_adapters = check.positive_int("num_adapters", num_adapters)
+        factory = self._init_base(base, num_adapters, validate)
+        n = self.num_adapters
         self.width = check.positive_int(
             "width", width if width is not None else min(base.in_features, base.out_features))
         if base.in_features % self.width or base.out_features % self.width:
@@ -629,12 +620,8 @@ class CPAdapterBank(AdapterModule):
         self.dropout = check.probability("dropout", dropout)
         self.dropout_position = check.choice("dropout_position", dropout_position,
                                              DROPOUT_POSITIONS)
-        self.validate = bool(validate)
         self.n_out = base.out_features // self.width
         self.n_in = base.in_features // self.width
-        self.base = base
-        base.requires_grad_(False)
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         R, w = self.rank, self.width
         self.U = nn.Parameter(torch.empty(n, R, w, **factory))
         self.V = nn.Parameter(torch.zeros(n, w, R, **factory))
@@ -654,14 +641,6 @@ class CPAdapterBank(AdapterModule):
         self.register_buffer("_unit_scale", torch.ones(n, dtype=torch.float64,
                                                        device=base.weight.device),
                              persistent=False)
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     @property
     def folded_rank(self) -> int:
@@ -701,16 +680,8 @@ class CPAdapterBank(AdapterModule):
 
     def forward(self, x: Tensor, adapter_ids: Tensor, validate: Optional[bool] = None) -> Tensor:
         """x (B, ..., in_features); adapter_ids per sample (B,) or per row (x.shape[:-1])."""
-        if self.training and self.dropout > 0.0:
-            raise ValueError(f"dropout: CPAdapterBank does not apply adapter dropout (the "
-                             f"adapters had p={self.dropout}); set bank.dropout = 0.0 to train "
-                             f"without it")
-        x2 = rows("x", x, self.in_features, "in_features")
-        dtype = compute_dtype(x, self.base.weight, "base.weight")
-        ids = bank_ops.adapter_rows(adapter_ids, x, self.num_adapters,
-                                    validate=self.validate if validate is None else validate)
-        x2 = cast(x2, dtype)
-        base_out = F.linear(x2, cast(self.base.weight, dtype), cast(self.base.bias, dtype))
+        self._refuse_training_dropout("dropout", self.dropout, "adapter dropout")
+        x2, ids, base_out, dtype = self._rows_ids_base(x, adapter_ids, validate)
         down, up = self.lora_factors()
         y = bank_ops.bank_bottleneck(x2, ids, cast(down, dtype), None, cast(up, dtype), None,
                                      scale=self._unit_scale, residual=base_out,
@@ -742,18 +713,13 @@ class CPAdapterBank(AdapterModule):
         first = sites[0]
         width = first.in_features // first.n_in
         for i, s in enumerate(sites):
-            if s.merged:
-                raise ValueError(f"adapters[{i}]: is folded into its base; call "
-                                 f"pyadapt.unfold_ first")
-            got = {"rank": s.rank, "core": s.core_kind, "width": s.in_features // s.n_in}
-            want = {"rank": first.rank, "core": first.core_kind, "width": width}
+            got = {"core": s.core_kind, "width": s.in_features // s.n_in}
+            want = {"core": first.core_kind, "width": width}
             for key, value in want.items():
                 if got[key] != value:
                     raise ValueError(f"adapters[{i}]: expected {key} {value} (as adapters[0]), "
                                      f"got {got[key]}")
-            if not _same_base(s.base, first.base):
-                raise ValueError(f"adapters[{i}]: expected the same frozen base as adapters[0] "
-                                 f"(a bank serves N tasks of one model)")
+        cls._check_sources(sites, CPLinear)
         bank = cls(first.base, len(sites), first.rank, first.core_kind, width=width,
                    dropout=max(s.dropout for s in sites),
                    dropout_position=first.dropout_position, validate=validate)
