@@ -124,7 +124,15 @@ struct Params {
   double scale;
   double p;
   uint64_t seed;
+  // Philox row of each local row (null: the row index itself). A caller that runs a subset of a
+  // larger batch (the adapter bank, one group at a time) passes the rows' batch indices, so the
+  // mask is that of the whole batch.
+  const int64_t* drop_rows = nullptr;
 };
+
+inline uint64_t philox_row(const Params& P, int64_t row) {
+  return uint64_t(P.drop_rows ? P.drop_rows[row] : row);
+}
 
 // Weights and biases in the compute type, packed with zero-padded columns for gemm_acc.
 template <typename C>
@@ -257,7 +265,7 @@ void bottleneck_rows(const C* xb, int64_t ldx, int64_t row0, int64_t rows, const
     const C mult = C(1.0 / (1.0 - P.p));
     for (int64_t i = 0; i < rows; ++i) {
       C* hi = s.hin + i * rp;
-      const uint64_t base = uint64_t(row0 + i) * uint64_t(r);
+      const uint64_t base = philox_row(P, row0 + i) * uint64_t(r);
       for (int64_t k = 0; k < r; ++k)
         hi[k] = philox_uniform(P.seed, base + uint64_t(k)) >= pf ? hi[k] * mult : C(0);
     }
@@ -398,7 +406,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const at::Tensor& x,
           const C mult = C(1.0 / (1.0 - P.p));
           for (int64_t i = 0; i < rows; ++i) {
             C* dhi = s.dh + i * rp;
-            const uint64_t base = uint64_t(row0 + i) * uint64_t(r);
+            const uint64_t base = philox_row(P, row0 + i) * uint64_t(r);
             for (int64_t k = 0; k < r; ++k)
               dhi[k] = philox_uniform(P.seed, base + uint64_t(k)) >= pf ? dhi[k] * mult : C(0);
           }
@@ -530,6 +538,16 @@ Params make_params(const at::Tensor& x, const at::Tensor& wd, bool shared, const
   return P;
 }
 
+// dropout_rows (M,) int64, optional: see Params::drop_rows.
+at::Tensor dropout_row_ids(const c10::optional<at::Tensor>& rows, Params& P) {
+  if (!rows.has_value() || !rows->defined()) return at::Tensor();
+  TORCH_CHECK(rows->dim() == 1 && rows->size(0) == P.M && rows->scalar_type() == at::kLong,
+              "bottleneck: dropout_rows must be int64 of shape (M,)");
+  at::Tensor t = rows->contiguous();
+  P.drop_rows = t.data_ptr<int64_t>();
+  return t;
+}
+
 at::Tensor bottleneck_forward_cpu(const at::Tensor& x_, const c10::optional<at::Tensor>& residual,
                                   const at::Tensor& wd_, const c10::optional<at::Tensor>& bd_,
                                   const c10::optional<at::Tensor>& ws_,
@@ -537,13 +555,15 @@ at::Tensor bottleneck_forward_cpu(const at::Tensor& x_, const c10::optional<at::
                                   const c10::optional<at::Tensor>& bu_, double scale,
                                   const c10::optional<at::Tensor>& row_scale,
                                   const c10::optional<at::Tensor>& seed, std::string activation,
-                                  double dropout_p) {
+                                  double dropout_p,
+                                  const c10::optional<at::Tensor>& dropout_rows) {
   const auto dt = x_.scalar_type();
   check_dtype(dt);
   at::Tensor x = x_.contiguous();
   at::Tensor res = opt_contig(residual, dt);
   const bool shared = ws_.has_value() && ws_->defined();
   Params P = make_params(x, wd_, shared, activation, scale, dropout_p, seed);
+  at::Tensor drop_rows = dropout_row_ids(dropout_rows, P);
   at::Tensor wd = wd_.to(dt).contiguous(), wu = wu_.to(dt).contiguous();
   at::Tensor bd = opt_contig(bd_, dt), ws = opt_contig(ws_, dt), bs = opt_contig(bs_, dt),
              bu = opt_contig(bu_, dt), rs = opt_contig(row_scale, dt);
@@ -562,13 +582,15 @@ std::vector<at::Tensor> bottleneck_backward_cpu(
     const c10::optional<at::Tensor>& bs_, const at::Tensor& wu_,
     const c10::optional<at::Tensor>& bu_, double scale, const c10::optional<at::Tensor>& row_scale,
     const c10::optional<at::Tensor>& seed, std::string activation, double dropout_p,
-    bool grad_scale_invariant, bool need_dx, bool need_dscale) {
+    bool grad_scale_invariant, bool need_dx, bool need_dscale,
+    const c10::optional<at::Tensor>& dropout_rows) {
   const auto dt = x_.scalar_type();
   check_dtype(dt);
   at::Tensor x = x_.contiguous();
   at::Tensor gy = gy_.to(dt).contiguous();
   const bool shared = ws_.has_value() && ws_->defined();
   Params P = make_params(x, wd_, shared, activation, scale, dropout_p, seed);
+  at::Tensor drop_rows = dropout_row_ids(dropout_rows, P);
   at::Tensor wd = wd_.to(dt).contiguous(), wu = wu_.to(dt).contiguous();
   at::Tensor bd = opt_contig(bd_, dt), ws = opt_contig(ws_, dt), bs = opt_contig(bs_, dt),
              bu = opt_contig(bu_, dt), rs = opt_contig(row_scale, dt);
@@ -596,11 +618,13 @@ at::Tensor dropout_keep_cpu(int64_t seed, int64_t rows, int64_t cols, double p) 
 TORCH_LIBRARY_FRAGMENT(pyadapt_C, m) {
   m.def("bottleneck_forward(Tensor x, Tensor? residual, Tensor down_weight, Tensor? down_bias, "
         "Tensor? shared_weight, Tensor? shared_bias, Tensor up_weight, Tensor? up_bias, "
-        "float scale, Tensor? row_scale, Tensor? seed, str activation, float dropout_p) -> Tensor");
+        "float scale, Tensor? row_scale, Tensor? seed, str activation, float dropout_p, "
+        "Tensor? dropout_rows=None) -> Tensor");
   m.def("bottleneck_backward(Tensor grad_y, Tensor x, bool has_residual, Tensor down_weight, "
         "Tensor? down_bias, Tensor? shared_weight, Tensor? shared_bias, Tensor up_weight, "
         "Tensor? up_bias, float scale, Tensor? row_scale, Tensor? seed, str activation, "
-        "float dropout_p, bool grad_scale_invariant, bool need_dx, bool need_dscale) -> Tensor[]");
+        "float dropout_p, bool grad_scale_invariant, bool need_dx, bool need_dscale, "
+        "Tensor? dropout_rows=None) -> Tensor[]");
   m.def("dropout_keep(int seed, int rows, int cols, float p) -> Tensor");
 }
 
