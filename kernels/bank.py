@@ -27,6 +27,12 @@ partial of every weight gradient per chunk; kernel 3 sums, per adapter, its chun
 in chunk order. No atomics, block sizes fixed per (r, device), so gradients are bit-identical
 from run to run. Adapters that no row names get exact zeros.
 
+Dropout (training): the r-wide input of `up` is multiplied by the inverted-dropout factors of
+kernels/bottleneck.py's `_dropout_multiplier`, drawn with the ORIGINAL row index (rows = perm of
+the sorted position), never the sorted position: the mask of row m is tl.rand(seed, m * r + k)
+whatever group and tile the row lands in, the mask of pyadapt.reference.dropout_multiplier
+over the whole batch. The backward regenerates it from the seed (nothing stored).
+
 Interpreter rules are those of kernels/bottleneck.py (whose device helpers are reused): loads
 upcast right after tl.load, fp32 dot operands under the interpreter, every dot tile >= 16.
 """
@@ -40,7 +46,8 @@ import triton
 import triton.language as tl
 
 from .bottleneck import (_ACTIVATIONS, _INTERPRET, _TL_DTYPES, _acc_dtype, _act, _act_grad,
-                         _dot, _dot_dtype, _load_tile, _r_pad)
+                         _dot, _dot_dtype, _dropout_multiplier, _load_tile, _r_pad,
+                         _split_double)
 
 Tensor = torch.Tensor
 
@@ -72,15 +79,15 @@ def _tile_positions(seg_row_ptr, starts_ptr, idx, NSEG, TILE, SEG_PAD: tl.conste
 @triton.jit
 def _bank_fwd_kernel(
         x_ptr, res_ptr, y_ptr, perm_ptr, seg_row_ptr, tile_start_ptr,
-        wd_ptr, bd_ptr, ws_ptr, bs_ptr, wu_ptr, bu_ptr, scale_ptr,
+        wd_ptr, bd_ptr, ws_ptr, bs_ptr, wu_ptr, bu_ptr, scale_ptr, seed_ptr,
         D, D_OUT, R, NSEG,
         stride_xm, stride_xd, stride_resm, stride_resd, stride_ym, stride_yd,
         stride_wd_n, stride_wd_r, stride_wd_d, stride_bd_n, stride_ws_n, stride_ws_o,
         stride_ws_i, stride_bs_n, stride_wu_n, stride_wu_d, stride_wu_r, stride_bu_n,
-        stride_scale,
+        stride_scale, dropout_p, keep_hi, keep_mid, keep_lo,
         HAS_RESIDUAL: tl.constexpr, HAS_DOWN_BIAS: tl.constexpr, HAS_SHARED: tl.constexpr,
-        HAS_SHARED_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr, ACT: tl.constexpr,
-        ACC: tl.constexpr, OUT_ACC: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        HAS_SHARED_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+        ACT: tl.constexpr, ACC: tl.constexpr, OUT_ACC: tl.constexpr, DOT_DTYPE: tl.constexpr,
         R_PAD: tl.constexpr, SEG_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_D: tl.constexpr):
     X_DTYPE: tl.constexpr = x_ptr.dtype.element_ty
@@ -106,7 +113,7 @@ def _bank_fwd_kernel(
         wd_t = _load_tile(wd, offs, cols, stride_wd_d, stride_wd_r, d_ok, col_ok, ACC)
         pre1 += _dot(x, wd_t, DOT_DTYPE)
 
-    # r-space in registers: h = act(shared(act(pre1 + b_d)))
+    # r-space in registers: h = drop(act(shared(act(pre1 + b_d))))
     if HAS_DOWN_BIAS:
         pre1 += tl.load(bd_ptr + a * stride_bd_n + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
     h = _act(pre1, ACT)
@@ -118,6 +125,9 @@ def _bank_fwd_kernel(
             pre2 += tl.load(bs_ptr + a * stride_bs_n + cols, mask=col_ok,
                             other=0.0).to(ACC)[None, :]
         h = _act(pre2, ACT)
+    if HAS_DROPOUT:   # keyed by the original row, not the sorted position
+        h = h * _dropout_multiplier(seed_ptr, rows, cols, R, dropout_p, keep_hi, keep_mid,
+                                    keep_lo, ACC)
     h = tl.where(col_ok[None, :], h, 0.0)   # padded columns exactly zero, whatever act(0) is
     # rounded to x's dtype as the reference does (scale[a].to(x.dtype))
     scale = tl.load(scale_ptr + a * stride_scale).to(X_DTYPE).to(ACC)
@@ -147,15 +157,16 @@ def _bank_fwd_kernel(
 @triton.jit
 def _bank_bwd_rows_kernel(
         gy_ptr, x_ptr, dx_ptr, perm_ptr, seg_row_ptr, tile_start_ptr,
-        wd_ptr, bd_ptr, ws_ptr, bs_ptr, wu_ptr, bu_ptr, scale_ptr,
+        wd_ptr, bd_ptr, ws_ptr, bs_ptr, wu_ptr, bu_ptr, scale_ptr, seed_ptr,
         dpre1_ptr, hin_ptr, dpre2_ptr, h1_ptr, drow_ptr,
         D, D_OUT, R, NSEG,
         stride_gm, stride_gd, stride_xm, stride_xd, stride_dxm, stride_dxd,
         stride_wd_n, stride_wd_r, stride_wd_d, stride_bd_n, stride_ws_n, stride_ws_o,
         stride_ws_i, stride_bs_n, stride_wu_n, stride_wu_d, stride_wu_r, stride_bu_n,
-        stride_scale,
+        stride_scale, dropout_p, keep_hi, keep_mid, keep_lo,
         HAS_RESIDUAL: tl.constexpr, HAS_DOWN_BIAS: tl.constexpr, HAS_SHARED: tl.constexpr,
-        HAS_SHARED_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr, ACT: tl.constexpr,
+        HAS_SHARED_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+        ACT: tl.constexpr,
         NEED_DX: tl.constexpr, SAVE_DOWN_UP: tl.constexpr, SAVE_SHARED: tl.constexpr,
         NEED_DSCALE: tl.constexpr, ACC: tl.constexpr, DOT_DTYPE: tl.constexpr,
         R_PAD: tl.constexpr, SEG_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -210,6 +221,11 @@ def _bank_bwd_rows_kernel(
                             other=0.0).to(ACC)[None, :]
         h_in = tl.where(col_ok[None, :], _act(pre2, ACT), 0.0)
     dh = gw * scale                         # d(up input) = (scale * g) W_u
+    if HAS_DROPOUT:   # the forward's mask, regenerated from (seed, original row, column)
+        keep = _dropout_multiplier(seed_ptr, rows, cols, R, dropout_p, keep_hi, keep_mid,
+                                   keep_lo, ACC)
+        h_in = h_in * keep
+        dh = dh * keep
     r_mask = work[:, None] & col_ok[None, :]
     if NEED_DSCALE:
         # this row's share of d scale[a] = g . u = h_in . (g W_u) + g . b_u
@@ -435,6 +451,16 @@ def _check_bias_strides(*biases) -> None:
             raise ValueError(f"{name}: expected unit stride along its last dimension")
 
 
+def _dropout_args(dropout_p: float, seed: Optional[Tensor], x: Tensor) -> dict:
+    """Kernel arguments of the dropout: the seed pointer (x as a placeholder when off), then
+    (p, the three fp32 parts of 1/(1-p)), and the HAS_DROPOUT switch."""
+    on = dropout_p > 0.0
+    if on and seed is None:
+        raise ValueError("seed: expected a 0-dim int64 tensor when dropout_p > 0")
+    keep = _split_double(1.0 / (1.0 - dropout_p) if on else 1.0)
+    return {"on": on, "seed": seed if on else x, "scalars": (float(dropout_p), *keep)}
+
+
 def _fallback_reference():
     from pyadapt.ops import bank as bank_ops
     return bank_ops._reference_forward, bank_ops._reference_backward
@@ -443,18 +469,22 @@ def _fallback_reference():
 def forward(x: Tensor, residual: Optional[Tensor], ids: Tensor, down_weight: Tensor,
             down_bias: Optional[Tensor], shared_weight: Optional[Tensor],
             shared_bias: Optional[Tensor], up_weight: Tensor, up_bias: Optional[Tensor],
-            scale: Tensor, activation: str) -> Tensor:
+            scale: Tensor, activation: str, dropout_p: float = 0.0,
+            seed: Optional[Tensor] = None) -> Tensor:
     """y (M, d_out) in promote_types(x.dtype, residual.dtype); x (M, d), ids (M,) int64 in
-    [-1, N); residual (M, d_out), required when d_out != d (checked by pyadapt.ops.bank).
-    CPU tensors without TRITON_INTERPRET=1 run the reference loop."""
+    [-1, N); residual (M, d_out), required when d_out != d (checked by pyadapt.ops.bank);
+    seed a 0-dim int64 tensor when dropout_p > 0. CPU tensors without TRITON_INTERPRET=1 run
+    the reference loop."""
     if not _runs_here(x):
         return _fallback_reference()[0](x, residual, ids, down_weight, down_bias, shared_weight,
-                                        shared_bias, up_weight, up_bias, scale, activation)
+                                        shared_bias, up_weight, up_bias, scale, activation,
+                                        dropout_p, seed)
     _check_bias_strides(("down_bias", down_bias), ("up_bias", up_bias),
                         ("shared_bias", shared_bias))
     m, d = x.shape
     n, r, d_out = down_weight.shape[0], down_weight.shape[1], up_weight.shape[1]
     out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    drop = _dropout_args(dropout_p, seed, x)
     y = _new(x.new_empty((m, d_out), dtype=out_dtype))
     if m == 0:
         return y
@@ -467,13 +497,13 @@ def forward(x: Tensor, residual: Optional[Tensor], ids: Tensor, down_weight: Ten
                                      up_weight, up_bias, scale, x)
     grid = (triton.cdiv(m, block_m) + seg.nseg,)
     _bank_fwd_kernel[grid](
-        x, res, y, seg.perm, seg.seg_row, tile_start, *pointers,
+        x, res, y, seg.perm, seg.seg_row, tile_start, *pointers, drop["seed"],
         d, d_out, r, seg.nseg,
         x.stride(0), x.stride(1), res.stride(0), res.stride(1), y.stride(0), y.stride(1),
-        *strides,
+        *strides, *drop["scalars"],
         HAS_RESIDUAL=residual is not None, HAS_DOWN_BIAS=down_bias is not None,
         HAS_SHARED=shared_weight is not None, HAS_SHARED_BIAS=shared_bias is not None,
-        HAS_UP_BIAS=up_bias is not None, ACT=_ACTIVATIONS[activation],
+        HAS_UP_BIAS=up_bias is not None, HAS_DROPOUT=drop["on"], ACT=_ACTIVATIONS[activation],
         ACC=_TL_DTYPES[_acc_dtype(x.dtype)], OUT_ACC=_TL_DTYPES[_acc_dtype(out_dtype)],
         DOT_DTYPE=_dot_dtype(x.dtype), R_PAD=r_pad, SEG_PAD=seg.seg_pad, BLOCK_M=block_m,
         BLOCK_D=block_d, num_warps=4)
@@ -484,15 +514,18 @@ def backward(grad_y: Tensor, x: Tensor, ids: Tensor, has_residual: bool, down_we
              down_bias: Optional[Tensor], shared_weight: Optional[Tensor],
              shared_bias: Optional[Tensor], up_weight: Tensor, up_bias: Optional[Tensor],
              scale: Tensor, activation: str, grad_scale_invariant: bool,
-             needs: List[bool]) -> List[Tensor]:
+             needs: List[bool], dropout_p: float = 0.0,
+             seed: Optional[Tensor] = None) -> List[Tensor]:
     """[dx, d down_w, d down_b, d shared_w, d shared_b, d up_w, d up_b, d scale] as
-    pyadapt.ops._grads.pack returns them (empty placeholders where not wanted)."""
+    pyadapt.ops._grads.pack returns them (empty placeholders where not wanted); dropout_p and
+    seed those of the forward."""
     from pyadapt.ops import _grads
 
     if not _runs_here(x):
         return _fallback_reference()[1](grad_y, x, ids, has_residual, down_weight, down_bias,
                                         shared_weight, shared_bias, up_weight, up_bias, scale,
-                                        activation, grad_scale_invariant, needs)
+                                        activation, grad_scale_invariant, needs, dropout_p, seed)
+    drop = _dropout_args(dropout_p, seed, x)
     _check_bias_strides(("down_bias", down_bias), ("up_bias", up_bias),
                         ("shared_bias", shared_bias))
     inputs = [x, down_weight, down_bias, shared_weight, shared_bias, up_weight, up_bias, scale]
@@ -529,12 +562,13 @@ def backward(grad_y: Tensor, x: Tensor, ids: Tensor, has_residual: bool, down_we
     flags = dict(HAS_DOWN_BIAS=down_bias is not None, HAS_SHARED=shared_weight is not None,
                  HAS_SHARED_BIAS=shared_bias is not None, HAS_UP_BIAS=up_bias is not None)
     _bank_bwd_rows_kernel[(triton.cdiv(m, block_m) + seg.nseg,)](
-        g, x, dx, seg.perm, seg.seg_row, tile_start, *pointers,
+        g, x, dx, seg.perm, seg.seg_row, tile_start, *pointers, drop["seed"],
         dpre1, h_in, dpre2, h1, drow,
         d, d_out, r, seg.nseg,
         g.stride(0), g.stride(1), x.stride(0), x.stride(1), dx.stride(0), dx.stride(1),
-        *strides,
-        HAS_RESIDUAL=bool(has_residual), ACT=_ACTIVATIONS[activation], NEED_DX=need_dx,
+        *strides, *drop["scalars"],
+        HAS_RESIDUAL=bool(has_residual), HAS_DROPOUT=drop["on"], ACT=_ACTIVATIONS[activation],
+        NEED_DX=need_dx,
         SAVE_DOWN_UP=save_down_up, SAVE_SHARED=save_shared, NEED_DSCALE=need_dscale,
         ACC=tl_acc, DOT_DTYPE=dot_dtype, R_PAD=r_pad, SEG_PAD=seg.seg_pad, BLOCK_M=block_m,
         BLOCK_D=block_d, num_warps=4, **flags)

@@ -1,11 +1,11 @@
 """AdapterBank: many adapters of one kind applied to one mixed batch, each sample (or row) by its
 own adapter, in one op (pyadapt.ops.bank). Kinds done: bottleneck / MMA adapters
 (pyadapt.FusedAdapter, with or without a shared middle projection) in AdapterBank, LoRA
-adapters of one frozen linear (pyadapt.LowRankAdapter) in LowRankAdapterBank, and low-rank
-R-Adapters of one frozen linear (pyadapt.RAdapter with rank=r) in RAdapterBank, and CP/Tucker
-(Aurora) sites of one frozen linear (pyadapt.CPLinear) in CPAdapterBank;
-AdapterBank.from_adapters builds whichever fits the modules it is given. Not done: the
-full-rank R-Adapter."""
+adapters of one frozen linear (pyadapt.LowRankAdapter) in LowRankAdapterBank, and
+R-Adapters of one frozen linear (pyadapt.RAdapter, full rank through the grouped-linear op
+pyadapt.ops.bank_linear, or low rank) in RAdapterBank, and CP/Tucker (Aurora) sites of one
+frozen linear (pyadapt.CPLinear) in CPAdapterBank; AdapterBank.from_adapters builds whichever
+fits the modules it is given."""
 
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _validate as check
+from . import reference
 from ._module import AdapterModule, cast, compute_dtype, rows
 from .adapters import FusedAdapter
-from .linear import (CORES, DROPOUT_POSITIONS, CPAdapter, CPLinear, LowRankAdapter,
-                     RAdapter)
+from .linear import (CORES, DROP_GRANULARITIES, DROPOUT_POSITIONS, CPAdapter, CPLinear,
+                     LowRankAdapter, RAdapter)
 from .ops import bank as bank_ops
+from .ops.bank_linear import bank_linear
 from .reference import ACTIVATIONS
 
 Tensor = torch.Tensor
@@ -54,8 +56,11 @@ class AdapterBank(AdapterModule):
 
     It is an adapter module like the others: pyadapt.adapter_state_dict / checkpoints hold its
     stacked tensors, and pyadapt.AdapterEMA averages them (eval then uses the shadows).
-    Not supported: adapter dropout (the bank raises in training mode when dropout > 0; eval is
-    unaffected) and row_scale."""
+    Dropout: in training with dropout > 0 each call draws a fresh seed (as FusedAdapter does)
+    and drops the r-wide input of `up` with the mask of pyadapt.ops.bank: element (m, k) of the
+    flattened batch row m, so a batch whose rows all name adapter a gets exactly the mask
+    FusedAdapter a would draw from the same seed; eval applies none. from_adapters keeps the
+    largest p of its adapters. Not supported: row_scale."""
 
     kind = "bottleneck"
 
@@ -114,9 +119,6 @@ class AdapterBank(AdapterModule):
         x.shape[:-1]), integers in [0, num_adapters) or -1 (no adapter: the row is
         residual[m]); residual like x or None (then x). validate overrides the bank's setting
         for this call."""
-        if self.training and self.dropout > 0.0:
-            raise ValueError(f"dropout: AdapterBank does not apply adapter dropout (the adapters "
-                             f"had p={self.dropout}); set bank.dropout = 0.0 to train without it")
         x2 = rows("x", x, self.in_features, "in_features")
         dtype = compute_dtype(x, self.down_weight, "down_weight")
         ids = bank_ops.adapter_rows(adapter_ids, x, self.num_adapters,
@@ -135,7 +137,8 @@ class AdapterBank(AdapterModule):
             cast(x2, dtype), ids, w("down_weight"), w("down_bias"), w("up_weight"), w("up_bias"),
             w("shared_weight"), w("shared_bias"), scale=self._current("scale", self.scale),
             residual=res2, activation=self.activation,
-            grad_scale_invariant=self.grad_scale_invariant)
+            grad_scale_invariant=self.grad_scale_invariant,
+            dropout_p=self.dropout if self.training else 0.0)
         return y.reshape(*x.shape[:-1], self.in_features)
 
     # -----------------------------------------------------------------------------------------
@@ -324,11 +327,6 @@ class _FrozenLinearBank(AdapterModule):
     def out_features(self) -> int:
         return self.base.out_features
 
-    def _refuse_training_dropout(self, name: str, p: float, what: str) -> None:
-        if self.training and p > 0.0:
-            raise ValueError(f"{name}: {type(self).__name__} does not apply {what} (the "
-                             f"adapters had p={p}); set bank.{name} = 0.0 to train without it")
-
     def _rows_ids_base(self, x: Tensor, adapter_ids: Tensor,
                        validate: Optional[bool]) -> tuple[Tensor, Tensor, Tensor, torch.dtype]:
         """(x as rows in the compute dtype, per-row ids, base(x) rows, compute dtype)."""
@@ -370,18 +368,28 @@ class LowRankAdapterBank(_FrozenLinearBank):
 
     scaling[a] = alpha_a / rank (pyadapt.LowRankAdapter's form); A stacked as down_weight
     (N, rank, in), B as up_weight (N, out, rank); the base is frozen and computed once for the
-    whole batch. Ids and validate as in AdapterBank. Adapter dropout is not applied (raises in
-    training when dropout > 0)."""
+    whole batch. Ids and validate as in AdapterBank.
+
+    Dropout (training, dropout > 0), by dropout_position:
+    - "rank" (default; pyadapt.LowRankAdapter's): drop(x A_a^T) B_a^T with the bank op's
+      rank-space mask, element (m, k) of batch row m from a seed drawn per call as
+      LowRankAdapter draws it: a batch whose rows all name adapter a equals LowRankAdapter a
+      under the same generator state, so a bank trains like the adapters it was built from.
+    - "input" (PEFT's LoRA): the adapter path reads dropout(x), the frozen base reads x
+      undropped: y = base(x) + scaling[a] * (drop(x) A_a^T) B_a^T; torch's mask (F.dropout on
+      the (M, in) rows in the compute dtype)."""
 
     kind = "lowrank"
 
     def __init__(self, base: nn.Linear, num_adapters: int, rank: int = 16,
                  alpha: float | Sequence[float] = 16, *, dropout: float = 0.0,
-                 validate: bool = True):
+                 dropout_position: str = "rank", validate: bool = True):
         super().__init__()
         factory = self._init_base(base, num_adapters, validate)
         n = self.num_adapters
         self.rank = check.positive_int("rank", rank)
+        self.dropout_position = check.choice("dropout_position", dropout_position,
+                                             ("input", "rank"))
         limit = min(base.in_features, base.out_features)
         if rank > limit:
             raise ValueError(f"rank: expected 1 <= rank <= {limit} (min(in_features, "
@@ -406,25 +414,38 @@ class LowRankAdapterBank(_FrozenLinearBank):
 
     def forward(self, x: Tensor, adapter_ids: Tensor, validate: Optional[bool] = None) -> Tensor:
         """x (B, ..., in_features); adapter_ids per sample (B,) or per row (x.shape[:-1])."""
-        self._refuse_training_dropout("dropout", self.dropout, "adapter dropout")
         x2, ids, base_out, dtype = self._rows_ids_base(x, adapter_ids, validate)
+        drop = self.dropout if self.training else 0.0
+        rank_drop = {}
+        if drop > 0.0 and self.dropout_position == "input":
+            x2 = F.dropout(x2, drop, training=True)    # the adapter's input only
+        elif drop > 0.0:
+            rank_drop = {"dropout_p": drop}             # the op draws the seed
         y = bank_ops.bank_bottleneck(
             x2, ids, cast(self._current("down_weight", self.down_weight), dtype), None,
             cast(self._current("up_weight", self.up_weight), dtype), None, scale=self.scaling,
-            residual=base_out, activation="identity")
+            residual=base_out, activation="identity", **rank_drop)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     @classmethod
-    def from_adapters(cls, adapters: Sequence[LowRankAdapter], *,
-                      validate: bool = True) -> "LowRankAdapterBank":
+    def from_adapters(cls, adapters: Sequence[LowRankAdapter], *, validate: bool = True,
+                      dropout_position: str = "rank") -> "LowRankAdapterBank":
         """A bank holding copies of the LoRA weights of LowRankAdapters that wrap the same base
-        (one module, or bases with identical weights and bias) with the same rank; the bank
-        keeps the first adapter's base module."""
+        (one module, or bases with identical weights and bias) with the same rank and the same
+        dropout; the bank keeps the first adapter's base module. dropout_position="rank" (default)
+        trains with the adapters' own (rank-space) dropout, "input" with PEFT's (see the
+        class)."""
         adapters = list(adapters)
         cls._check_sources(adapters, LowRankAdapter)
         first = adapters[0]
+        for i, a in enumerate(adapters):
+            if a.dropout != first.dropout:
+                raise ValueError(f"adapters[{i}]: expected dropout {first.dropout} (as "
+                                 f"adapters[0]), got {a.dropout}; the bank applies one "
+                                 f"probability (set dropout alike, e.g. 0.0 for inference)")
         bank = cls(first.base, len(adapters), first.rank, [a.alpha for a in adapters],
-                   dropout=max(a.dropout for a in adapters), validate=validate)
+                   dropout=first.dropout, dropout_position=dropout_position,
+                   validate=validate)
         with torch.no_grad():
             for i, a in enumerate(adapters):
                 bank.down_weight[i].copy_(a.down_weight)
@@ -444,7 +465,8 @@ class LowRankAdapterBank(_FrozenLinearBank):
 
     def extra_repr(self) -> str:
         return (f"num_adapters={self.num_adapters}, in_features={self.in_features}, "
-                f"out_features={self.out_features}, rank={self.rank}")
+                f"out_features={self.out_features}, rank={self.rank}, dropout={self.dropout}, "
+                f"dropout_position={self.dropout_position}")
 
 
 def _same_base(a: nn.Linear, b: nn.Linear) -> bool:
@@ -459,30 +481,44 @@ def _same_base(a: nn.Linear, b: nn.Linear) -> bool:
 
 
 class RAdapterBank(_FrozenLinearBank):
-    """N low-rank R-Adapters of ONE frozen linear, applied per sample or per row in one op:
+    """N R-Adapters of ONE frozen linear (N tasks of one base model), applied per sample or per
+    row in one op:
 
-        z = base(x);  y[m] = z[m] + c[a] * (z[m] W_d[a]^T) W_u[a]^T    a = ids[m] >= 0
-                      y[m] = z[m]                                     ids[m] == -1
+        z = base(x);  y[m] = z[m] + c[a] * q_a(z[m])     a = ids[m] >= 0
+                      y[m] = z[m]                       ids[m] == -1
 
-    c = s in training, s * eval_scale in eval (pyadapt.RAdapter's rule), s (N,) a parameter
-    with learn_scale, else a float64 buffer; W_d stacked as down_weight (N, rank, out), W_u as
-    up_weight (N, out, rank). Adapter dropping (drop_prob > 0) is not applied by the bank (it
-    raises in training); the full-rank form (rank=None) is not supported."""
+    q_a(z) = z W_f[a]^T for rank=None (the full-rank form the shipped R-Adapter runs train:
+    full_weight (N, out, out), zero-init; op pyadapt.ops.bank_linear, a grouped GEMM), or
+    (z W_d[a]^T) W_u[a]^T for rank=r (down_weight (N, r, out) Xavier-uniform, up_weight
+    (N, out, r) zero; op pyadapt.ops.bank with identity activation). c = s in training,
+    s * eval_scale in eval (pyadapt.RAdapter's rule); s (N,) a parameter with learn_scale,
+    else a float64 buffer. Ids and validate as in AdapterBank.
+
+    Adapter dropping (training, drop_prob > 0) follows pyadapt.RAdapter exactly: whole samples,
+    token rows or sequence positions (drop_granularity, batch_first) lose the adapter term and
+    the kept ones get it scaled by 1/(1 - drop_prob); the mask is drawn as RAdapter draws it
+    (reference.drop_multiplier on torch's default generator, same shape), so the same generator
+    state gives the same mask. It costs no extra pass: a dropped row is given id -1 for the op
+    (it passes through as z), and the op gets c / (1 - drop_prob), computed in torch so the
+    gradient of s flows. One drop_prob for all slots."""
 
     kind = "radapter"
 
-    def __init__(self, base: nn.Linear, num_adapters: int, rank: int,
+    def __init__(self, base: nn.Linear, num_adapters: int, rank: Optional[int] = None,
                  scale: float | Sequence[float] = 0.1, *, learn_scale: bool = True,
                  eval_scale: float | Sequence[float] = 0.5, drop_prob: float = 0.0,
+                 drop_granularity: str = "sample", batch_first: bool = True,
                  validate: bool = True):
         super().__init__()
         factory = self._init_base(base, num_adapters, validate)
         n = self.num_adapters
         d = base.out_features
-        self.rank = check.positive_int("rank", rank)
-        if rank > d:
-            raise ValueError(f"rank: expected 1 <= rank <= {d} (out_features of base), got "
-                             f"{rank}")
+        if rank is not None:
+            check.positive_int("rank", rank)
+            if rank > d:
+                raise ValueError(f"rank: expected 1 <= rank <= {d} (out_features of base), or "
+                                 f"None for the full-rank adapter; got {rank}")
+        self.rank = rank
 
         def per_adapter(name, v):
             vals = [v] * n if isinstance(v, (int, float)) else list(v)
@@ -492,12 +528,18 @@ class RAdapterBank(_FrozenLinearBank):
 
         scales = per_adapter("scale", scale)
         self.drop_prob = check.probability("drop_prob", drop_prob)
+        self.drop_granularity = check.choice("drop_granularity", drop_granularity,
+                                             DROP_GRANULARITIES)
+        self.batch_first = bool(batch_first)
         self.learn_scale = bool(learn_scale)
-        self.down_weight = nn.Parameter(torch.empty(n, rank, d, **factory))
-        self.up_weight = nn.Parameter(torch.zeros(n, d, rank, **factory))
-        with torch.no_grad():
-            for a in range(n):
-                nn.init.xavier_uniform_(self.down_weight[a])
+        if rank is None:
+            self.full_weight = nn.Parameter(torch.zeros(n, d, d, **factory))
+        else:
+            self.down_weight = nn.Parameter(torch.empty(n, rank, d, **factory))
+            self.up_weight = nn.Parameter(torch.zeros(n, d, rank, **factory))
+            with torch.no_grad():
+                for a in range(n):
+                    nn.init.xavier_uniform_(self.down_weight[a])
         if learn_scale:
             self.scale = nn.Parameter(torch.tensor(scales, **factory))
         else:
@@ -508,51 +550,161 @@ class RAdapterBank(_FrozenLinearBank):
                                                         device=base.weight.device))
 
     def adapter_tensors(self) -> Iterator[tuple[str, Tensor]]:
-        yield "down_weight", self.down_weight
-        yield "up_weight", self.up_weight
+        if self.rank is None:
+            yield "full_weight", self.full_weight
+        else:
+            yield "down_weight", self.down_weight
+            yield "up_weight", self.up_weight
         if self.learn_scale:
             yield "scale", self.scale
 
     def forward(self, x: Tensor, adapter_ids: Tensor, validate: Optional[bool] = None) -> Tensor:
         """x (B, ..., in_features); adapter_ids per sample (B,) or per row (x.shape[:-1])."""
-        self._refuse_training_dropout("drop_prob", self.drop_prob, "adapter dropping")
         _, ids, z, dtype = self._rows_ids_base(x, adapter_ids, validate)
         s = self._current("scale", self.scale) if self.learn_scale else self.scale
         c = s if self.training else s * self.eval_scale.to(s.dtype)
-        y = bank_ops.bank_bottleneck(
-            z, ids, cast(self._current("down_weight", self.down_weight), dtype), None,
-            cast(self._current("up_weight", self.up_weight), dtype), None, scale=c,
-            activation="identity")
+        if self.training and self.drop_prob > 0.0:
+            # RAdapter's draw (its first use of the generator): the same state, the same mask
+            kept = reference.drop_multiplier(x.shape, self.drop_granularity, self.drop_prob,
+                                             batch_first=self.batch_first, device=x.device) > 0
+            ids = torch.where(kept, ids, -1)        # a dropped row passes through: y = z
+            c = c * (1.0 / (1.0 - self.drop_prob))  # the kept rows' 1/(1-p), on the scale
+        if self.rank is None:
+            y = bank_linear(
+                z, ids, cast(self._current("full_weight", self.full_weight), dtype), c)
+        else:
+            y = bank_ops.bank_bottleneck(
+                z, ids, cast(self._current("down_weight", self.down_weight), dtype), None,
+                cast(self._current("up_weight", self.up_weight), dtype), None, scale=c,
+                activation="identity")
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    @staticmethod
+    def _form(rank: Optional[int]) -> str:
+        return "full-rank (rank=None)" if rank is None else f"low-rank (rank={rank})"
 
     @classmethod
     def from_adapters(cls, adapters: Sequence[RAdapter], *,
                       validate: bool = True) -> "RAdapterBank":
-        """A bank holding copies of low-rank RAdapters of the same base (one module, or
-        identical weights and bias), the same rank and the same scale kind (all learnable or
-        all fixed); the bank keeps the first adapter's base module."""
+        """A bank holding copies of RAdapters of the same base (one module, or identical
+        weights and bias), all full-rank (rank=None) or all low-rank with one rank, with the
+        same scale kind (all learnable or all fixed) and the same adapter dropping (drop_prob,
+        and with drop_prob > 0 drop_granularity and batch_first); the bank keeps the first
+        adapter's base module."""
         adapters = list(adapters)
-        for i, a in enumerate(adapters):
-            if isinstance(a, RAdapter) and a.rank is None:
-                raise ValueError(f"adapters[{i}]: expected a low-rank RAdapter (rank=r); the "
-                                 f"full-rank form is not supported by RAdapterBank")
-        cls._check_sources(adapters, RAdapter)
+        if not adapters:
+            raise ValueError("adapters: expected at least one adapter")
         first = adapters[0]
-        learn = isinstance(getattr(first, "scale", None), torch.Tensor)
+        for i, a in enumerate(adapters):
+            if not isinstance(a, RAdapter):
+                raise TypeError(f"adapters[{i}]: expected a pyadapt.RAdapter, got "
+                                f"{type(a).__name__}")
+            if (a.rank is None) != (first.rank is None):
+                raise ValueError(f"adapters[{i}]: is {cls._form(a.rank)} but adapters[0] is "
+                                 f"{cls._form(first.rank)}; a bank holds one form, full-rank "
+                                 f"and low-rank R-Adapters cannot be mixed")
+        cls._check_sources(adapters, RAdapter)
+        learn = isinstance(first.scale, torch.Tensor)
         for i, a in enumerate(adapters):
             if isinstance(a.scale, torch.Tensor) != learn:
                 raise ValueError(f"adapters[{i}]: expected a {'learnable' if learn else 'fixed'} "
                                  f"scale (as adapters[0])")
+            if a.drop_prob != first.drop_prob:
+                raise ValueError(f"adapters[{i}]: expected drop_prob {first.drop_prob} (as "
+                                 f"adapters[0]), got {a.drop_prob}; the bank drops with one "
+                                 f"probability (set drop_prob alike, e.g. 0.0 for inference)")
+            if first.drop_prob > 0.0 and ((a.drop_granularity, a.batch_first)
+                                          != (first.drop_granularity, first.batch_first)):
+                raise ValueError(f"adapters[{i}]: expected drop_granularity "
+                                 f"{first.drop_granularity!r}, batch_first {first.batch_first} "
+                                 f"(as adapters[0]), got {a.drop_granularity!r}, "
+                                 f"{a.batch_first}")
         bank = cls(first.base, len(adapters), first.rank,
                    [float(a.scale.detach()) if learn else a.scale for a in adapters],
-                   learn_scale=learn,
-                   eval_scale=[a.eval_scale for a in adapters],
-                   drop_prob=max(a.drop_prob for a in adapters), validate=validate)
+                   learn_scale=learn, eval_scale=[a.eval_scale for a in adapters],
+                   drop_prob=first.drop_prob, drop_granularity=first.drop_granularity,
+                   batch_first=first.batch_first, validate=validate)
         with torch.no_grad():
             for i, a in enumerate(adapters):
-                bank.down_weight[i].copy_(a.down_weight)
-                bank.up_weight[i].copy_(a.up_weight)
+                for name, t in a.adapter_tensors():
+                    getattr(bank, name)[i].copy_(t)
         return bank
+
+    @classmethod
+    def from_state_dicts(cls, base: nn.Linear, state_dicts: Sequence[dict], *,
+                         scale: float | Sequence[float] = 0.1,
+                         eval_scale: float | Sequence[float] = 0.5, drop_prob: float = 0.0,
+                         drop_granularity: str = "sample", batch_first: bool = True,
+                         validate: bool = True) -> "RAdapterBank":
+        """A bank over `base` from saved R-Adapters: each state dict is
+        pyadapt.adapter_state_dict of one RAdapter of this projection: full_weight (full
+        rank) or down_weight + up_weight (low rank), and scale when it was learnable, possibly
+        under one common prefix ("visual.transformer.resblocks.3.mlp.c_proj.full_weight").
+        Shapes give the form and rank; what a state dict does not hold (a fixed scale,
+        eval_scale, dropping) is given here (one value, or one per state dict)."""
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
+        state_dicts = list(state_dicts)
+        if not state_dicts:
+            raise ValueError("state_dicts: expected at least one adapter state dict")
+        n = len(state_dicts)
+
+        def per_dict(name, v):
+            vals = [v] * n if isinstance(v, (int, float)) else list(v)
+            if len(vals) != n:
+                raise ValueError(f"{name}: expected one value per state dict ({n}), got "
+                                 f"{len(vals)}")
+            return vals
+
+        fixed, evals = per_dict("scale", scale), per_dict("eval_scale", eval_scale)
+        d = base.out_features
+        adapters = []
+        for i, sd in enumerate(state_dicts):
+            what = f"state_dicts[{i}]"
+            if not isinstance(sd, dict):
+                raise TypeError(f"{what}: expected a dict of tensors, got {type(sd).__name__}")
+            found = {(k[:-len(leaf)], leaf) for k in sd for leaf in ("full_weight",
+                                                                      "down_weight")
+                     if k.endswith(leaf)}
+            if len(found) != 1:
+                raise ValueError(f"{what}: expected exactly one '<prefix>full_weight' or "
+                                 f"'<prefix>down_weight' key (one RAdapter), found {len(found)}")
+            prefix, leaf = found.pop()
+            own = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            allowed = ({"full_weight"} if leaf == "full_weight"
+                       else {"down_weight", "up_weight"}) | {"scale"}
+            unexpected = sorted(set(own) - allowed) + sorted(k for k in sd
+                                                             if not k.startswith(prefix))
+            if unexpected:
+                raise ValueError(f"{what}: unexpected keys {unexpected}")
+            if leaf == "down_weight" and "up_weight" not in own:
+                raise ValueError(f"{what}: missing key {prefix + 'up_weight'!r}")
+            for k, v in own.items():
+                if not isinstance(v, torch.Tensor):
+                    raise TypeError(f"{what}[{prefix + k!r}]: expected a tensor, got "
+                                    f"{type(v).__name__}")
+            rank = None
+            if leaf == "down_weight":
+                if own["down_weight"].dim() != 2:
+                    raise ValueError(f"{what}[{prefix + 'down_weight'!r}]: expected a 2-D "
+                                     f"tensor (rank x {d}), got shape "
+                                     f"{tuple(own['down_weight'].shape)}")
+                rank = own["down_weight"].shape[0]
+            learn = "scale" in own
+            adapter = RAdapter(base, rank, drop_prob,
+                               float(own["scale"]) if learn else fixed[i], learn_scale=learn,
+                               eval_scale=evals[i], drop_granularity=drop_granularity,
+                               batch_first=batch_first)
+            expected = dict(adapter.adapter_tensors())
+            for k, v in own.items():
+                if tuple(v.shape) != tuple(expected[k].shape):
+                    raise ValueError(f"{what}[{prefix + k!r}]: expected shape "
+                                     f"{tuple(expected[k].shape)}, got {tuple(v.shape)}")
+            with torch.no_grad():
+                for k, v in own.items():
+                    expected[k].copy_(v)
+            adapters.append(adapter)
+        return cls.from_adapters(adapters, validate=validate)
 
     def to_adapters(self) -> list[RAdapter]:
         """One RAdapter per slot, all wrapping the bank's base module (shared, frozen)."""
@@ -561,16 +713,19 @@ class RAdapterBank(_FrozenLinearBank):
             for a in range(self.num_adapters):
                 adapter = RAdapter(self.base, self.rank, self.drop_prob, float(self.scale[a]),
                                    learn_scale=self.learn_scale,
-                                   eval_scale=float(self.eval_scale[a]))
-                adapter.down_weight.copy_(self.down_weight[a])
-                adapter.up_weight.copy_(self.up_weight[a])
+                                   eval_scale=float(self.eval_scale[a]),
+                                   drop_granularity=self.drop_granularity,
+                                   batch_first=self.batch_first)
+                for name, t in adapter.adapter_tensors():
+                    t.copy_(getattr(self, name)[a])
                 out.append(adapter)
         return out
 
     def extra_repr(self) -> str:
         return (f"num_adapters={self.num_adapters}, in_features={self.in_features}, "
                 f"out_features={self.out_features}, rank={self.rank}, "
-                f"learn_scale={self.learn_scale}")
+                f"learn_scale={self.learn_scale}, drop_prob={self.drop_prob}, "
+                f"drop_granularity={self.drop_granularity}")
 
 
 class CPAdapterBank(_FrozenLinearBank):
@@ -596,9 +751,17 @@ class CPAdapterBank(_FrozenLinearBank):
     kernels unchanged, and autograd carries their weight gradients back to U, V, C and lambda.
     The fold runs in the parameters' dtype (autocast off) and is cast to the compute dtype once.
 
-    Ids and validate as in AdapterBank. Adapter dropout is not applied: in training mode the bank
-    raises when dropout > 0 (CPAdapter's default is 0.1: set bank.dropout = 0.0 to train
-    without it); eval, where the sites apply none, is unaffected."""
+    Ids and validate as in AdapterBank.
+
+    Dropout (training, dropout > 0; eval applies none): the bank op drops the rank-space
+    activation between its down and up factors, so the fold follows the site's
+    dropout_position: "before_core" drops x A_a^T, hence down = A_a and up = B_a K_a^T (rank
+    n_in R); "after_core" drops (x A_a^T) K_a, hence down = K_a^T A_a and up = B_a (rank
+    n_out R). Either way the dropped activation has the site's own columns, and the bank op's
+    mask (flattened batch row m, column k: philox_uniform(seed, m * r + k) >= p) is exactly the
+    mask a CPLinear site draws from the same seed for that row: a batch whose rows all name
+    adapter a equals site a called with the same seed. Each call draws a fresh seed (as the
+    sites do); without dropout the fold takes the smaller rank (`folded_rank`)."""
 
     kind = "cp"
 
@@ -644,7 +807,8 @@ class CPAdapterBank(_FrozenLinearBank):
 
     @property
     def folded_rank(self) -> int:
-        """Rank of the LoRA-form factors the bank op runs on: R * min(n_in, n_out)."""
+        """Rank of the LoRA-form factors the bank op runs on without dropout:
+        R * min(n_in, n_out) (with dropout, see the class: R * n_in or R * n_out)."""
         return self.rank * min(self.n_in, self.n_out)
 
     def adapter_tensors(self) -> Iterator[tuple[str, Tensor]]:
@@ -654,9 +818,14 @@ class CPAdapterBank(_FrozenLinearBank):
             yield "C", self.C
         yield "lam", self.lam
 
-    def lora_factors(self) -> tuple[Tensor, Tensor]:
-        """(down (N, r, in), up (N, out, r)), r = folded_rank, in the parameters' dtype and
-        differentiable in U, V, C, lam: adapter a's delta is (x down[a]^T) up[a]^T."""
+    def lora_factors(self, dropout_position: Optional[str] = None) -> tuple[Tensor, Tensor]:
+        """(down (N, r, in), up (N, out, r)), in the parameters' dtype and differentiable in
+        U, V, C, lam: adapter a's delta is (x down[a]^T) up[a]^T. dropout_position None:
+        r = folded_rank (the core goes into the factor that keeps r smallest); "before_core":
+        the core goes into up (r = n_in R, x down^T = x A^T); "after_core": into down
+        (r = n_out R, x down^T = (x A^T) K)."""
+        if dropout_position is not None:
+            check.choice("dropout_position", dropout_position, DROPOUT_POSITIONS)
         t = {name: self._current(name, p) for name, p in self.adapter_tensors()}
         U, V, lam = t["U"], t["V"], t["lam"]
         with torch.autocast(U.device.type, enabled=False):
@@ -666,7 +835,9 @@ class CPAdapterBank(_FrozenLinearBank):
             else:
                 m = torch.diag_embed(lam)
             n, R = self.num_adapters, self.rank
-            if self.n_in <= self.n_out:
+            core_into_up = (self.n_in <= self.n_out if dropout_position is None
+                            else dropout_position == "before_core")
+            if core_into_up:
                 eye = torch.eye(self.n_in, dtype=U.dtype, device=U.device)
                 down = torch.einsum("ij,naw->niajw", eye, U)
                 up = torch.einsum("nwb,noiab->nowia", V, m)
@@ -680,12 +851,12 @@ class CPAdapterBank(_FrozenLinearBank):
 
     def forward(self, x: Tensor, adapter_ids: Tensor, validate: Optional[bool] = None) -> Tensor:
         """x (B, ..., in_features); adapter_ids per sample (B,) or per row (x.shape[:-1])."""
-        self._refuse_training_dropout("dropout", self.dropout, "adapter dropout")
         x2, ids, base_out, dtype = self._rows_ids_base(x, adapter_ids, validate)
-        down, up = self.lora_factors()
+        p = self.dropout if self.training else 0.0
+        down, up = self.lora_factors(self.dropout_position if p > 0.0 else None)
         y = bank_ops.bank_bottleneck(x2, ids, cast(down, dtype), None, cast(up, dtype), None,
                                      scale=self._unit_scale, residual=base_out,
-                                     activation="identity")
+                                     activation="identity", dropout_p=p)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     @classmethod
@@ -693,9 +864,9 @@ class CPAdapterBank(_FrozenLinearBank):
                       validate: bool = True) -> "CPAdapterBank":
         """A bank holding copies of CP/Tucker sites of the same base (one module, or identical
         weights and bias): each item a CPLinear (a site `cp[i]` of a task's CPAdapter) or a
-        CPAdapter with exactly one site. All need the same rank, core kind and width; the bank
-        keeps the first site's base module, the largest dropout and the first dropout_position
-        (neither is applied: see the class)."""
+        CPAdapter with exactly one site. All need the same rank, core kind, width and
+        dropout_position; the bank keeps the first site's base module and the largest
+        dropout."""
         adapters = list(adapters)
         if not adapters:
             raise ValueError("adapters: expected at least one adapter")
@@ -713,8 +884,10 @@ class CPAdapterBank(_FrozenLinearBank):
         first = sites[0]
         width = first.in_features // first.n_in
         for i, s in enumerate(sites):
-            got = {"core": s.core_kind, "width": s.in_features // s.n_in}
-            want = {"core": first.core_kind, "width": width}
+            got = {"core": s.core_kind, "width": s.in_features // s.n_in,
+                   "dropout_position": s.dropout_position}
+            want = {"core": first.core_kind, "width": width,
+                    "dropout_position": first.dropout_position}
             for key, value in want.items():
                 if got[key] != value:
                     raise ValueError(f"adapters[{i}]: expected {key} {value} (as adapters[0]), "

@@ -33,6 +33,7 @@ from torch import nn
 
 from . import _placement
 from .adapters import FusedAdapter
+from .bank import RAdapterBank
 from .fold import _adapter_modules, _foldables, _named_adapter_tensors
 from .linear import CPLinear, LowRankAdapter, RAdapter
 
@@ -79,6 +80,13 @@ def module_config(m: nn.Module) -> Dict[str, Dict[str, Any]]:
                              "scale": _scale_value(m.scale), "shared": m.shared is not None},
                 "training": {"dropout": m.dropout,
                              "grad_scale_invariant": m.grad_scale_invariant}}
+    if isinstance(m, RAdapterBank):
+        return {"function": {"class": "RAdapterBank", "rank": m.rank,
+                             "num_adapters": m.num_adapters,
+                             "scale": "learned" if m.learn_scale else m.scale.tolist(),
+                             "eval_scale": m.eval_scale.tolist()},
+                "training": {"drop_prob": m.drop_prob, "drop_granularity": m.drop_granularity,
+                             "batch_first": m.batch_first}}
     return {"function": {"class": type(m).__name__}, "training": {}}
 
 

@@ -76,11 +76,17 @@ def philox_uniform(seed: Tensor | int, offsets: Tensor) -> Tensor:
 
 
 def dropout_multiplier(seed: Tensor | int, rows: int, cols: int, p: float, dtype: torch.dtype,
-                       device: torch.device | str) -> Tensor:
+                       device: torch.device | str, row_ids: Optional[Tensor] = None) -> Tensor:
     """(rows x cols) inverted-dropout factors: 0 where dropped, 1/(1-p) where kept.
 
-    Element (i, j) keeps iff philox_uniform(seed, i * cols + j) >= p (p rounded to float32)."""
-    offsets = torch.arange(rows * cols, dtype=torch.int64, device=device).view(rows, cols)
+    Element (i, j) keeps iff philox_uniform(seed, i * cols + j) >= p (p rounded to float32).
+    row_ids (rows,) int64, optional: row i draws Philox row row_ids[i] instead of i (a subset of
+    a larger batch, e.g. one adapter's rows in a bank, draws that batch's mask)."""
+    if row_ids is None:
+        offsets = torch.arange(rows * cols, dtype=torch.int64, device=device).view(rows, cols)
+    else:
+        offsets = (row_ids.to(device=device, dtype=torch.int64)[:, None] * cols
+                   + torch.arange(cols, dtype=torch.int64, device=device))
     keep = philox_uniform(seed, offsets) >= torch.tensor(p, dtype=torch.float32)
     return keep.to(dtype) * (1.0 / (1.0 - p))
 
@@ -131,18 +137,20 @@ def bottleneck_forward(x: Tensor, down_weight: Tensor, down_bias: Optional[Tenso
                        *, residual: Optional[Tensor] = None, scale: Tensor | float = 1.0,
                        activation_name: str = "relu", dropout_p: float = 0.0,
                        seed: Tensor | int | None = None,
-                       row_scale: Optional[Tensor] = None) -> Tensor:
+                       row_scale: Optional[Tensor] = None,
+                       dropout_rows: Optional[Tensor] = None) -> Tensor:
     """y = residual + scale * row_scale * up(drop(act(shared(act(down(x)))))).
 
     x: (M, d); down (r, d); shared (r, r) optional (followed by the same activation);
     up (d, r). residual defaults to x. Dropout acts on the (M x r) input of `up`, with the
     counter-based mask of `dropout_multiplier`. row_scale (M,) multiplies each row's adapter
-    output (adapter dropping, padding masks)."""
+    output (adapter dropping, padding masks). dropout_rows: see dropout_multiplier's row_ids."""
     h = activation(F.linear(x, down_weight, down_bias), activation_name)
     if shared_weight is not None:
         h = activation(F.linear(h, shared_weight, shared_bias), activation_name)
     if dropout_p > 0.0:
-        h = h * dropout_multiplier(seed, h.shape[0], h.shape[1], dropout_p, h.dtype, h.device)
+        h = h * dropout_multiplier(seed, h.shape[0], h.shape[1], dropout_p, h.dtype, h.device,
+                                   dropout_rows)
     delta = F.linear(h, up_weight, up_bias) * scale
     if row_scale is not None:
         delta = delta * row_scale.to(delta.dtype)[:, None]
@@ -155,7 +163,8 @@ def bottleneck_backward(grad_y: Tensor, x: Tensor, down_weight: Tensor, down_bia
                         shared_weight: Optional[Tensor], shared_bias: Optional[Tensor], *,
                         has_residual: bool, scale: Tensor | float, activation_name: str,
                         dropout_p: float, seed: Tensor | int | None, row_scale: Optional[Tensor],
-                        grad_scale_invariant: bool = False) -> list[Optional[Tensor]]:
+                        grad_scale_invariant: bool = False,
+                        dropout_rows: Optional[Tensor] = None) -> list[Optional[Tensor]]:
     """Gradients of bottleneck_forward: [dx, d down_w, d down_b, d shared_w, d shared_b, d up_w,
     d up_b, d scale] (None for absent inputs).
 
@@ -174,7 +183,8 @@ def bottleneck_backward(grad_y: Tensor, x: Tensor, down_weight: Tensor, down_bia
         h = activation(pre2, activation_name)
     keep = None
     if dropout_p > 0.0:
-        keep = dropout_multiplier(seed, h.shape[0], h.shape[1], dropout_p, h.dtype, h.device)
+        keep = dropout_multiplier(seed, h.shape[0], h.shape[1], dropout_p, h.dtype, h.device,
+                                  dropout_rows)
         h_in = h * keep
     else:
         h_in = h

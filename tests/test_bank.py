@@ -394,8 +394,8 @@ def test_bank_dropout_and_autocast():
     adapters = trained_adapters(2)
     adapters[0].dropout = 0.1
     bank = AdapterBank.from_adapters(adapters)
-    with pytest.raises(ValueError, match="dropout"):
-        bank.train()(torch.randn(2, 16), torch.tensor([0, 1]))
+    # the largest p is kept and applied in training (checked in test_bank_dropout.py)
+    assert bank.dropout == 0.1
     bank.eval()
     x = torch.randn(4, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -527,7 +527,7 @@ def test_radapter_bank_equals_each_adapter(learn_scale):
         assert torch.equal(back.eval()(x[0]), adapters[a].eval()(x[0])), f"to_adapters()[{a}]"
 
 
-def test_radapter_bank_rejects_full_rank():
+def test_radapter_bank_rejects_mixed_forms():
     base = nn.Linear(6, 6)
-    with pytest.raises(ValueError, match="full-rank"):
-        AdapterBank.from_adapters([pyadapt.RAdapter(base)])
+    with pytest.raises(ValueError, match="cannot be mixed"):
+        AdapterBank.from_adapters([pyadapt.RAdapter(base), pyadapt.RAdapter(base, rank=2)])

@@ -9,8 +9,17 @@ with the N adapters' weights stacked: down (N, r, d), shared (N, r, r) optional,
 passes the frozen base layer's output as the residual. Declared once as
 `pyadapt::bank_bottleneck_forward` / `pyadapt::bank_bottleneck_backward` custom ops (fake rules,
 registered autograd). The reference backend loops over adapter ids and calls
-pyadapt.reference.bottleneck_forward / backward on each group: the ground truth. The triton
+pyadapt.reference.bottleneck_forward / backward on each group: the ground truth (with dropout,
+`dropout_rows` = the group's batch rows, so each group draws its rows of the batch mask). The triton
 backend (kernels/bank.py) groups rows by id on the device and runs one grouped launch.
+
+Dropout (training) acts where the single-adapter op puts it, on the r-wide input of `up`
+(after act(shared) when there is a shared layer), with one mask for every backend: element
+(m, k) keeps iff philox_uniform(seed, m * r + k) >= p, m being the row's index in the bank
+call's batch (never its position within its adapter's group), kept values scaled by 1/(1-p).
+A bank whose rows all name one adapter draws exactly the mask of pyadapt.ops.bottleneck with
+the same seed; rows without an adapter are untouched. The seed (a 0-dim int64 tensor) is saved
+for the backward, which regenerates the mask.
 
 Also here: `pyadapt::mma_pair_forward` / `mma_pair_backward`, MMA's image and text branches of
 one layer (different widths, one shared middle projection) as one op, see `mma_pair`.
@@ -27,6 +36,7 @@ from .. import _validate as check
 from .. import reference
 from . import _grads
 from ._registry import kernel_for, register, register_autograd, register_from
+from ._scalars import seed_tensor
 
 Tensor = torch.Tensor
 
@@ -39,15 +49,16 @@ def bank_bottleneck_forward(x: Tensor, residual: Optional[Tensor], ids: Tensor,
                             down_weight: Tensor, down_bias: Optional[Tensor],
                             shared_weight: Optional[Tensor], shared_bias: Optional[Tensor],
                             up_weight: Tensor, up_bias: Optional[Tensor], scale: Tensor,
-                            activation: str, grad_scale_invariant: bool) -> Tensor:
+                            activation: str, grad_scale_invariant: bool, dropout_p: float = 0.0,
+                            seed: Optional[Tensor] = None) -> Tensor:
     fn = kernel_for("bank_bottleneck_forward", x.device.type)
     return fn(x, residual, ids, down_weight, down_bias, shared_weight, shared_bias, up_weight,
-              up_bias, scale, activation).contiguous()
+              up_bias, scale, activation, dropout_p, seed).contiguous()
 
 
 @bank_bottleneck_forward.register_fake
 def _(x, residual, ids, down_weight, down_bias, shared_weight, shared_bias, up_weight, up_bias,
-      scale, activation, grad_scale_invariant):
+      scale, activation, grad_scale_invariant, dropout_p=0.0, seed=None):
     dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     return x.new_empty((x.shape[0], up_weight.shape[1]), dtype=dtype)
 
@@ -58,33 +69,35 @@ def bank_bottleneck_backward(grad_y: Tensor, x: Tensor, ids: Tensor, has_residua
                              shared_weight: Optional[Tensor], shared_bias: Optional[Tensor],
                              up_weight: Tensor, up_bias: Optional[Tensor], scale: Tensor,
                              activation: str, grad_scale_invariant: bool,
-                             needs: List[bool]) -> List[Tensor]:
+                             needs: List[bool], dropout_p: float = 0.0,
+                             seed: Optional[Tensor] = None) -> List[Tensor]:
     fn = kernel_for("bank_bottleneck_backward", x.device.type)
     return fn(grad_y, x, ids, has_residual, down_weight, down_bias, shared_weight, shared_bias,
-              up_weight, up_bias, scale, activation, grad_scale_invariant, needs)
+              up_weight, up_bias, scale, activation, grad_scale_invariant, needs, dropout_p, seed)
 
 
 @bank_bottleneck_backward.register_fake
 def _(grad_y, x, ids, has_residual, down_weight, down_bias, shared_weight, shared_bias, up_weight,
-      up_bias, scale, activation, grad_scale_invariant, needs):
+      up_bias, scale, activation, grad_scale_invariant, needs, dropout_p=0.0, seed=None):
     inputs = [x, down_weight, down_bias, shared_weight, shared_bias, up_weight, up_bias, scale]
     return _grads.fake(inputs, needs, x)
 
 
 def _setup_context(ctx, inputs, output):
     (x, residual, ids, down_weight, down_bias, shared_weight, shared_bias, up_weight, up_bias,
-     scale, activation, grad_scale_invariant) = inputs
+     scale, activation, grad_scale_invariant, dropout_p, seed) = inputs
+    # the seed, not the mask: every backend regenerates the mask in the backward
     ctx.save_for_backward(x, ids, down_weight, down_bias, shared_weight, shared_bias, up_weight,
-                          up_bias, scale)
+                          up_bias, scale, seed)
     ctx.has_residual = residual is not None
     ctx.residual_dtype = None if residual is None else residual.dtype
-    ctx.hyper = (activation, grad_scale_invariant)
+    ctx.hyper = (activation, grad_scale_invariant, dropout_p)
 
 
 def _backward(ctx, grad_y):
-    (x, ids, down_weight, down_bias, shared_weight, shared_bias, up_weight, up_bias,
-     scale) = ctx.saved_tensors
-    activation, grad_scale_invariant = ctx.hyper
+    (x, ids, down_weight, down_bias, shared_weight, shared_bias, up_weight, up_bias, scale,
+     seed) = ctx.saved_tensors
+    activation, grad_scale_invariant, dropout_p = ctx.hyper
     n = ctx.needs_input_grad
     # forward input positions: x 0, residual 1, ids 2, down 3-4, shared 5-6, up 7-8, scale 9
     needs = [n[0], n[3], n[4], n[5], n[6], n[7], n[8], n[9]]
@@ -93,12 +106,13 @@ def _backward(ctx, grad_y):
     if any(_grads.wanted(inputs, needs)):
         packed = bank_bottleneck_backward(grad_y, x, ids, ctx.has_residual, down_weight,
                                           down_bias, shared_weight, shared_bias, up_weight,
-                                          up_bias, scale, activation, grad_scale_invariant, needs)
+                                          up_bias, scale, activation, grad_scale_invariant, needs,
+                                          dropout_p, seed)
         grads = _grads.unpack(packed, inputs, needs)
     dx, d_down_w, d_down_b, d_shared_w, d_shared_b, d_up_w, d_up_b, d_scale = grads
     d_residual = grad_y.to(ctx.residual_dtype) if ctx.has_residual and n[1] else None
     return (dx, d_residual, None, d_down_w, d_down_b, d_shared_w, d_shared_b, d_up_w, d_up_b,
-            d_scale, None, None)
+            d_scale, None, None, None, None)
 
 
 register_autograd(bank_bottleneck_forward, _backward, _setup_context)
@@ -112,7 +126,7 @@ def _pick(t: Optional[Tensor], a: int) -> Optional[Tensor]:
 
 
 def _reference_forward(x, residual, ids, down_weight, down_bias, shared_weight, shared_bias,
-                       up_weight, up_bias, scale, activation):
+                       up_weight, up_bias, scale, activation, dropout_p=0.0, seed=None):
     base = x if residual is None else residual
     out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     y = base.to(out_dtype).clone()
@@ -124,13 +138,14 @@ def _reference_forward(x, residual, ids, down_weight, down_bias, shared_weight, 
             x[rows], down_weight[a], _pick(down_bias, a), up_weight[a], _pick(up_bias, a),
             _pick(shared_weight, a), _pick(shared_bias, a),
             residual=None if residual is None else residual[rows], scale=scale[a].to(x.dtype),
-            activation_name=activation).to(out_dtype)
+            activation_name=activation, dropout_p=dropout_p, seed=seed,
+            dropout_rows=rows).to(out_dtype)
     return y
 
 
 def _reference_backward(grad_y, x, ids, has_residual, down_weight, down_bias, shared_weight,
                         shared_bias, up_weight, up_bias, scale, activation, grad_scale_invariant,
-                        needs):
+                        needs, dropout_p=0.0, seed=None):
     g = grad_y.to(x.dtype)
     # rows without an adapter: y = x (dx = g) or y = residual (dx = 0)
     dx = torch.zeros_like(x) if has_residual else g.clone()
@@ -145,7 +160,8 @@ def _reference_backward(grad_y, x, ids, has_residual, down_weight, down_bias, sh
             g[rows], x[rows], down_weight[a], _pick(down_bias, a), up_weight[a],
             _pick(up_bias, a), _pick(shared_weight, a), _pick(shared_bias, a),
             has_residual=has_residual, scale=scale[a].to(x.dtype), activation_name=activation,
-            dropout_p=0.0, seed=None, row_scale=None, grad_scale_invariant=grad_scale_invariant)
+            dropout_p=dropout_p, seed=seed, row_scale=None,
+            grad_scale_invariant=grad_scale_invariant, dropout_rows=rows)
         dx[rows] = grads[0]
         # reference order: dx, d down_w, d down_b, d shared_w, d shared_b, d up_w, d up_b, d scale
         for target, grad in zip(d_stacked, grads[1:7]):
@@ -163,8 +179,9 @@ register("bank_bottleneck_backward", "reference", _reference_backward)
 # ---------------------------------------------------------------------------------------------
 # cpu backend: one stable sort of the ids, then the native single-adapter kernels
 # (csrc/cpu/bottleneck.cpp, OpenMP) on each adapter's contiguous group of rows. On the host the
-# group sizes cost no device sync, so grouping in Python is free next to the kernels; each
-# group's call covers what the single-adapter cpu backend covers (else it runs the reference).
+# group sizes cost no device sync, so grouping in Python is free next to the kernels. The native
+# kernel takes each group row's batch index (dropout_rows) and draws that row of the batch mask.
+# Calls it does not cover (the LoRA form d_out != d, other dtypes) run the reference loop.
 
 import importlib  # noqa: E402
 
@@ -186,40 +203,56 @@ def _groups(ids: Tensor, n: int) -> list[tuple[int, Tensor]]:
     return out
 
 
+def _cpu_covers(x, residual, up_weight, grad_y=None) -> bool:
+    """What the native kernel runs: d -> d (not the LoRA form), and the dtypes the single-adapter
+    cpu backend takes (a grad_y of another dtype means a mixed-dtype residual)."""
+    return (up_weight.shape[1] == x.shape[1] and _single._cpu_covers(x, residual)
+            and (grad_y is None or grad_y.dtype == x.dtype))
+
+
 def _cpu_forward(x, residual, ids, down_weight, down_bias, shared_weight, shared_bias, up_weight,
-                 up_bias, scale, activation):
-    if up_weight.shape[1] != x.shape[1]:    # the LoRA form: the native kernel is d -> d only
+                 up_bias, scale, activation, dropout_p=0.0, seed=None):
+    if not _cpu_covers(x, residual, up_weight):
         return _reference_forward(x, residual, ids, down_weight, down_bias, shared_weight,
-                                  shared_bias, up_weight, up_bias, scale, activation)
+                                  shared_bias, up_weight, up_bias, scale, activation, dropout_p,
+                                  seed)
     out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     y = (x if residual is None else residual).to(out_dtype).clone()
+    drop = dropout_p > 0.0
     for a, rows in _groups(ids, down_weight.shape[0]):
-        y[rows] = _single._cpu_forward(
+        # dropout_rows: the group's batch rows, so the kernel draws the batch's mask rows
+        y[rows] = _native.ops().bottleneck_forward(
             x[rows], None if residual is None else residual[rows], down_weight[a],
             _pick(down_bias, a), _pick(shared_weight, a), _pick(shared_bias, a), up_weight[a],
-            _pick(up_bias, a), scale[a], 1.0, None, None, activation, 0.0).to(out_dtype)
+            _pick(up_bias, a), _single._scale_float(scale[a], 1.0, x), None,
+            seed if drop else None, activation, float(dropout_p) if drop else 0.0,
+            rows if drop else None).to(out_dtype)
     return y
 
 
 def _cpu_backward(grad_y, x, ids, has_residual, down_weight, down_bias, shared_weight,
-                  shared_bias, up_weight, up_bias, scale, activation, grad_scale_invariant, needs):
-    if up_weight.shape[1] != x.shape[1]:
+                  shared_bias, up_weight, up_bias, scale, activation, grad_scale_invariant, needs,
+                  dropout_p=0.0, seed=None):
+    if not _cpu_covers(x, None, up_weight, grad_y):
         return _reference_backward(grad_y, x, ids, has_residual, down_weight, down_bias,
                                    shared_weight, shared_bias, up_weight, up_bias, scale,
-                                   activation, grad_scale_invariant, needs)
-    g = grad_y.to(x.dtype)
+                                   activation, grad_scale_invariant, needs, dropout_p, seed)
     inputs = [x, down_weight, down_bias, shared_weight, shared_bias, up_weight, up_bias, scale]
     wanted = _grads.wanted(inputs, needs)
-    dx = (torch.zeros_like(x) if has_residual else g.clone()) if wanted[0] else None
+    dx = (torch.zeros_like(x) if has_residual else grad_y.clone()) if wanted[0] else None
     stacked = [torch.zeros_like(t) if w else None for t, w in zip(inputs[1:], wanted[1:])]
+    drop = dropout_p > 0.0
     for a, rows in _groups(ids, down_weight.shape[0]):
-        packed = _single._cpu_backward(
-            g[rows], x[rows], has_residual, down_weight[a], _pick(down_bias, a),
+        # native order: dx, d down_w, d down_b, d shared_w, d shared_b, d up_w, d up_b, d scale
+        grads = _native.ops().bottleneck_backward(
+            grad_y[rows], x[rows], has_residual, down_weight[a], _pick(down_bias, a),
             _pick(shared_weight, a), _pick(shared_bias, a), up_weight[a], _pick(up_bias, a),
-            scale[a], 1.0, None, None, activation, 0.0, grad_scale_invariant, list(needs))
+            _single._scale_float(scale[a], 1.0, x), None, seed if drop else None, activation,
+            float(dropout_p) if drop else 0.0, bool(grad_scale_invariant), bool(wanted[0]),
+            bool(wanted[7]), rows if drop else None)
         if dx is not None:
-            dx[rows] = packed[0]
-        for target, grad in zip(stacked, packed[1:]):
+            dx[rows] = grads[0].to(x.dtype)
+        for target, grad in zip(stacked, grads[1:]):
             if target is not None:
                 target[a] = grad
     return _grads.pack([dx] + stacked, inputs, needs, x)
@@ -304,13 +337,16 @@ def bank_bottleneck(x: Tensor, ids: Tensor, down_weight: Tensor, down_bias: Opti
                     up_weight: Tensor, up_bias: Optional[Tensor],
                     shared_weight: Optional[Tensor] = None, shared_bias: Optional[Tensor] = None,
                     *, scale: Tensor, residual: Optional[Tensor] = None,
-                    activation: str = "relu", grad_scale_invariant: bool = False) -> Tensor:
+                    activation: str = "relu", grad_scale_invariant: bool = False,
+                    dropout_p: float = 0.0, seed: Optional[Tensor] = None) -> Tensor:
     """Checked entry point of the bank op on row matrices.
 
     x (M, d); ids (M,) int64 in [-1, N) (see `adapter_rows`: out-of-range ids must already be
     -1); down_weight (N, r, d), up_weight (N, d_out, r), shared_weight (N, r, r) or None,
     biases (N, r) / (N, d_out) or None; scale (N,) (a parameter when learnable); residual
-    (M, d_out), or None when d_out = d (then x). Returns y (M, d_out)."""
+    (M, d_out), or None when d_out = d (then x). dropout_p > 0: rank-space dropout with the
+    batch-row mask of the module docstring; seed a 0-dim int64 tensor in [0, 2**31), drawn
+    (torch.randint, as pyadapt.ops.bottleneck does) when None. Returns y (M, d_out)."""
     _, d_out, _ = _check_stacked(x, down_weight, down_bias, shared_weight, shared_bias, up_weight,
                              up_bias, scale)
     m = x.shape[0]
@@ -328,9 +364,11 @@ def bank_bottleneck(x: Tensor, ids: Tensor, down_weight: Tensor, down_bias: Opti
         raise ValueError(f"residual: required when out_features ({d_out}) differs from x's last "
                          f"dimension ({x.shape[1]})")
     check.choice("activation", activation, reference.ACTIVATIONS)
+    dropout_p = check.probability("dropout_p", dropout_p)
+    seed = seed_tensor(seed, dropout_p, x)
     return bank_bottleneck_forward(x, residual, ids, down_weight, down_bias, shared_weight,
                                    shared_bias, up_weight, up_bias, scale, activation,
-                                   bool(grad_scale_invariant))
+                                   bool(grad_scale_invariant), dropout_p, seed)
 
 
 # =============================================================================================
