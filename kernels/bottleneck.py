@@ -671,10 +671,12 @@ def backward(grad_y: Tensor, x: Tensor, has_residual: bool, down_weight: Tensor,
              shared_bias: Optional[Tensor], up_weight: Tensor, up_bias: Optional[Tensor],
              scale: Optional[Tensor], scale_value: float, row_scale: Optional[Tensor],
              seed: Optional[Tensor], activation: str, dropout_p: float,
-             grad_scale_invariant: bool, needs: List[bool]) -> List[Tensor]:
+             grad_scale_invariant: bool, needs: List[bool],
+             saved_pre: Optional[Tensor] = None) -> List[Tensor]:
     """Gradients [dx, d down_w, d down_b, d shared_w, d shared_b, d up_w, d up_b, d scale], each
     in its input's dtype where the input is present and needs[i], else an empty placeholder
-    (pyadapt.ops._grads.pack). has_residual=False adds the residual's identity path to dx."""
+    (pyadapt.ops._grads.pack). has_residual=False adds the residual's identity path to dx.
+    saved_pre (the cpu backend's saved pre-activations) is not used: the kernels recompute."""
     from pyadapt.ops import _grads
 
     inputs = [x, down_weight, down_bias, shared_weight, shared_bias, up_weight, up_bias, scale]

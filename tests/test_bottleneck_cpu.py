@@ -11,6 +11,7 @@ deliberately installed without a compiler set PYADAPT_ALLOW_NO_NATIVE=1 to skip 
 
 from __future__ import annotations
 
+import importlib
 
 import pytest
 import torch
@@ -315,3 +316,135 @@ def test_opcheck_cpu_backend(case):
     args = _op_args() if case == "full" else _op_args(dropout_p=0.0, residual=False, learn=False)
     with pyadapt.use_backend("cpu"):
         torch.library.opcheck(torch.ops.pyadapt.bottleneck_forward.default, args)
+
+
+# ----------------------------------------------------------------------------------------------
+# The saving forward: eager training on the cpu backend keeps the pre-activations, and the
+# backward reads them instead of recomputing down(x)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["full", "fixed_scale_no_residual_no_dropout"])
+def test_opcheck_saving_forward(case):
+    args = _op_args() if case == "full" else _op_args(dropout_p=0.0, residual=False, learn=False)
+    for backend in ("cpu", "reference"):
+        with pyadapt.use_backend(backend):
+            torch.library.opcheck(torch.ops.pyadapt.bottleneck_forward_saving.default, args)
+
+
+def _spy_ops(monkeypatch):
+    """Counts of the forward ops that `bottleneck()` calls."""
+    mod = importlib.import_module("pyadapt.ops.bottleneck")   # the module, not the function
+    calls = {"plain": 0, "saving": 0}
+    plain, saving = mod.bottleneck_forward, mod.bottleneck_forward_saving
+
+    def count(name, fn):
+        def run(*a):
+            calls[name] += 1
+            return fn(*a)
+        return run
+
+    monkeypatch.setattr(mod, "bottleneck_forward", count("plain", plain))
+    monkeypatch.setattr(mod, "bottleneck_forward_saving", count("saving", saving))
+    return calls
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, F64])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_saved_pre_activations_give_the_recomputed_gradients(monkeypatch, shared, dtype,
+                                                             dropout_p):
+    """Training on the cpu backend takes the saving forward; its gradients are bit-identical to
+    the plain forward's (whose backward recomputes the pre-activations from x), and the saved
+    pre-activations are the float64 ones within the dtype's tolerance."""
+    ins = _inputs(97, 40, 7, shared=shared)
+    calls = _spy_ops(monkeypatch)
+    saving = _run(ins, dtype, "cpu", act="gelu", dropout_p=dropout_p)
+    assert calls == {"plain": 0, "saving": 1}, f"training did not save: {calls}"
+    with torch.no_grad(), pyadapt.use_backend("cpu"):
+        _run_plain = bottleneck(ins["x"].to(dtype), ins["down_w"].to(dtype), None,
+                                ins["up_w"].to(dtype), None)
+    assert calls["plain"] == 1, "inference (no grad) saved pre-activations"
+    del _run_plain
+    monkeypatch.undo()
+    # the same maths through the plain op: its backward recomputes pre1 (and pre2)
+    monkeypatch.setattr(importlib.import_module("pyadapt.ops.bottleneck"),
+                        "_saves_pre_activations", lambda x, args: False)
+    plain = _run(ins, dtype, "cpu", act="gelu", dropout_p=dropout_p)
+    for k in saving:
+        assert torch.equal(saving[k], plain[k]), f"{k}: saved and recomputed paths differ"
+    x = ins["x"].to(dtype)
+    args = (x, None, ins["down_w"].to(dtype), ins["down_b"].to(dtype),
+            None if ins["shared_w"] is None else ins["shared_w"].to(dtype),
+            None if ins["shared_b"] is None else ins["shared_b"].to(dtype),
+            ins["up_w"].to(dtype), ins["up_b"].to(dtype), None, 0.7, None, None, "gelu", 0.0,
+            False)
+    with pyadapt.use_backend("cpu"):
+        _, pre = torch.ops.pyadapt.bottleneck_forward_saving(*args)
+    pre1 = ins["x"] @ ins["down_w"].T + ins["down_b"]
+    want = pre1 if not shared else torch.cat(
+        [pre1, reference.activation(pre1, "gelu") @ ins["shared_w"].T + ins["shared_b"]], 1)
+    assert pre.dtype == (F64 if dtype == F64 else torch.float32)
+    assert_close_rel(pre.double(), want, dtype, "saved pre-activations")
+
+
+def test_saving_forward_answers_on_every_backend():
+    """A saving forward reached under another backend (a choice made, then the backend
+    switched) still returns that backend's y and the pre-activations."""
+    ins = _inputs(33, 24, 5)
+    x = ins["x"].float()
+    args = (x, None, ins["down_w"].float(), ins["down_b"].float(), ins["shared_w"].float(),
+            ins["shared_b"].float(), ins["up_w"].float(), ins["up_b"].float(), None, 0.5, None,
+            None, "relu", 0.0, False)
+    with pyadapt.use_backend("cpu"):
+        y_cpu, pre_cpu = torch.ops.pyadapt.bottleneck_forward_saving(*args)
+    for backend in pyadapt.available_backends():
+        with pyadapt.use_backend(backend):
+            y, pre = torch.ops.pyadapt.bottleneck_forward_saving(*args)
+            y_plain = torch.ops.pyadapt.bottleneck_forward(*args)
+        assert torch.equal(y, y_plain), f"{backend}: y differs from its plain forward"
+        assert_close_rel(pre.double(), pre_cpu.double(), torch.float32, f"{backend}: pre")
+        assert_close_rel(y.double(), y_cpu.double(), torch.float32, f"{backend}: y")
+
+
+def test_saved_pre_activations_of_the_wrong_shape_are_refused():
+    ins = _inputs(10, 8, 3, shared=False)
+    f = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in ins.items()}
+    with pytest.raises(RuntimeError, match="saved_pre"):
+        torch.ops.pyadapt_C.bottleneck_backward(
+            f["grad_y"], f["x"], False, f["down_w"], f["down_b"], None, None, f["up_w"],
+            f["up_b"], 0.7, None, None, "relu", 0.0, False, True, False, None,
+            torch.zeros(10, 6))
+
+
+def test_backward_reads_the_saved_pre_activations():
+    """The native backward uses what it is given (so the saving path really skips the
+    recompute): the true saved rows give the recomputed gradients bit for bit, altered ones
+    change them."""
+    ins = _inputs(50, 16, 4, shared=True)
+    f = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in ins.items()}
+    fwd = (f["x"], None, f["down_w"], f["down_b"], f["shared_w"], f["shared_b"], f["up_w"],
+           f["up_b"], 0.7, None, None, "relu", 0.0)
+    _, pre = torch.ops.pyadapt_C.bottleneck_forward_saving(*fwd)
+    bwd = (f["grad_y"], f["x"], False, f["down_w"], f["down_b"], f["shared_w"], f["shared_b"],
+           f["up_w"], f["up_b"], 0.7, None, None, "relu", 0.0, False, True, True, None)
+    recomputed = torch.ops.pyadapt_C.bottleneck_backward(*bwd, None)
+    from_saved = torch.ops.pyadapt_C.bottleneck_backward(*bwd, pre)
+    altered = torch.ops.pyadapt_C.bottleneck_backward(*bwd, pre + 0.25)
+    for i, (a, b, c) in enumerate(zip(recomputed, from_saved, altered)):
+        assert torch.equal(a, b), f"gradient {i}: saved rows differ from the recompute"
+    assert not torch.equal(recomputed[1], altered[1]), "the backward ignored saved_pre"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16])
+@pytest.mark.parametrize("M,d", [(97, 100), (50, 64)])
+def test_streaming_stores_write_the_same_values(monkeypatch, dtype, M, d):
+    """Large outputs (y, dx) are written with non-temporal stores; small ones with plain
+    stores. PYADAPT_CPU_STREAM forces either: every value is identical, including rows that
+    are not 32-byte aligned (d = 100) and partial column tiles."""
+    ins = _inputs(M, d, 7)
+    out = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("PYADAPT_CPU_STREAM", flag)
+        out[flag] = _run(ins, dtype, "cpu", act="gelu")
+    for k in out["0"]:
+        assert torch.equal(out["0"][k], out["1"][k]), f"{k}: streamed and plain stores differ"

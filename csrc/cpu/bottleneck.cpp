@@ -3,13 +3,18 @@
 // Rows of x are processed in blocks of kRowBlock rows: a block's x rows, its bottleneck
 // activations (kRowBlock x r) and its output rows stay in cache across the down and up passes,
 // so the forward reads x (and the residual) and writes y once, and the backward reads x and
-// grad_y and writes dx once. Blocks run in parallel (at::parallel_for). Every product is
-// gemm_acc (common.h): 6 x 16 register tiles of AVX2 FMAs, sums in an order fixed by the shapes.
+// grad_y and writes dx once. Blocks run in parallel (at::parallel_for). Products are common.h's
+// 6 x 16 register tiles of AVX2 FMAs (gemm_acc; gemm_epi where the epilogue writes y or dx
+// straight from the registers), sums in an order fixed by the shapes.
+// Training keeps the forward's pre-activations (bottleneck_forward_saving, M x r, or 2r with
+// the shared layer), so the backward does not recompute down(x), a product over d.
 // Weight gradients are reduced deterministically: each reduction chunk (a fixed number of rows
 // that depends only on M, never on the thread count) accumulates its blocks in order into its
 // own partial buffer, and partials are summed in chunk order, so gradients are bit-identical
-// across runs and OMP thread counts. Dropout regenerates the reference's counter-based
-// Philox4x32-10 mask (Triton's tl.rand).
+// across runs and OMP thread counts. dW_u and db_u are summed without the scale, which is
+// applied once to the totals (never to a d-wide copy of grad_y), and dscale comes from those
+// totals: <W_u, dW_u / scale> + <b_u, db_u / scale>. Dropout regenerates the reference's
+// counter-based Philox4x32-10 mask (Triton's tl.rand).
 // Storage dtypes: float32, float64, bfloat16, float16. Math runs in the compute type (float64
 // for float64 storage, float32 otherwise): low-precision rows are widened once into a block
 // buffer, and every output is rounded once to the storage dtype. Bias gradients and dscale are
@@ -29,7 +34,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -94,17 +99,6 @@ inline void narrow(const C* __restrict__ src, S* __restrict__ dst, int64_t n) {
   for (; j < n; ++j) dst[j] = static_cast<S>(src[j]);
 }
 
-// The storage as compute-type rows, when it is (null otherwise): the up projection and dx are
-// then accumulated straight into the output rows, with no tile and no copy.
-template <typename S, typename C>
-inline C* as_compute(S* p, int64_t d, int64_t dp) {
-  if constexpr (std::is_same_v<S, C>) {
-    return dp == d ? p : nullptr;
-  } else {
-    return nullptr;
-  }
-}
-
 // A storage row in the compute type: the row itself when the types agree, else widened into buf.
 template <typename S, typename C>
 inline const C* row_in_compute(const S* row, C* buf, int64_t n) {
@@ -114,6 +108,77 @@ inline const C* row_in_compute(const S* row, C* buf, int64_t n) {
     widen<S, C>(row, buf, n);
     return buf;
   }
+}
+
+// Epilogue tiles: columns j..j+n (n <= tile_cols) of a storage row as two compute-type vectors
+// (zero past n), and back (only n values written, rounded once for low-precision storage).
+// Full tiles of compute-type storage move as vectors; the rest goes through a small buffer.
+template <typename S, typename C>
+inline void load_tile(const S* src, int64_t n, typename Vec32<C>::type& v0,
+                      typename Vec32<C>::type& v1) {
+  using V = typename Vec32<C>::type;
+  using U = typename Vec32<C>::unaligned;
+  constexpr int64_t L = vec_len<C>();
+  if constexpr (std::is_same_v<S, C>) {
+    if (n == 2 * L) {
+      v0 = *reinterpret_cast<const U*>(src);
+      v1 = *reinterpret_cast<const U*>(src + L);
+      return;
+    }
+  }
+  alignas(32) C buf[2 * L] = {};
+  widen<S, C>(src, buf, n);
+  v0 = *reinterpret_cast<const V*>(buf);
+  v1 = *reinterpret_cast<const V*>(buf + L);
+}
+
+// stream: write whole 64-byte lines past the caches (non-temporal stores), so a large output
+// costs no read-for-ownership of its lines and does not evict the inputs (see streams_output).
+template <typename S, typename C>
+inline void store_tile(typename Vec32<C>::type v0, typename Vec32<C>::type v1, S* dst,
+                       int64_t n, bool stream) {
+  using V = typename Vec32<C>::type;
+  using U = typename Vec32<C>::unaligned;
+  constexpr int64_t L = vec_len<C>();
+  if constexpr (std::is_same_v<S, C>) {
+    if (n == 2 * L) {
+#if defined(__AVX__)
+      if (stream && (reinterpret_cast<uintptr_t>(dst) & 31) == 0) {
+        if constexpr (std::is_same_v<C, float>) {
+          _mm256_stream_ps(dst, reinterpret_cast<__m256>(v0));
+          _mm256_stream_ps(dst + L, reinterpret_cast<__m256>(v1));
+        } else {
+          _mm256_stream_pd(dst, reinterpret_cast<__m256d>(v0));
+          _mm256_stream_pd(dst + L, reinterpret_cast<__m256d>(v1));
+        }
+        return;
+      }
+#endif
+      *reinterpret_cast<U*>(dst) = v0;
+      *reinterpret_cast<U*>(dst + L) = v1;
+      return;
+    }
+  }
+  alignas(32) C buf[2 * L];
+  *reinterpret_cast<V*>(buf) = v0;
+  *reinterpret_cast<V*>(buf + L) = v1;
+  narrow<S, C>(buf, dst, n);
+}
+
+// Whether an output of `bytes` is written with streaming stores: only outputs far larger than
+// the per-core caches (then its lines would be evicted before anyone reads them back, and
+// fetching them for ownership only costs bandwidth). PYADAPT_CPU_STREAM=0/1 overrides.
+inline bool streams_output(int64_t bytes) {
+  const char* v = std::getenv("PYADAPT_CPU_STREAM");
+  if (v != nullptr && (v[0] == '0' || v[0] == '1')) return v[0] == '1';
+  return bytes >= (int64_t(8) << 20);
+}
+
+// Orders a thread's streaming stores before the parallel region ends.
+inline void stream_fence() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
 }
 
 struct Params {
@@ -174,7 +239,7 @@ Packed<C> pack_all(const Params& P, const at::Tensor& wd, const at::Tensor& bd,
                    const at::Tensor& bu, const at::Tensor& rs, bool backward) {
   Packed<C> k;
   k.wdT = pack<S, C>(wd, true, P.rp);
-  k.wuT = pack<S, C>(wu, true, P.dp);
+  if (!backward) k.wuT = pack<S, C>(wu, true, P.dp);  // the backward never forms u = hin W_u^T
   if (P.shared) k.wsT = pack<S, C>(ws, true, P.rp);
   if (backward) {
     k.wu = pack<S, C>(wu, false, P.rp);
@@ -206,12 +271,11 @@ inline void fill_rows(C* out, int64_t rows, int64_t ld, const std::vector<C>& bi
 template <typename C>
 struct Scratch {
   std::vector<C> buf;
-  C *xb, *pre1, *h1, *pre2, *hin, *dh, *dh1, *gu, *tile, *row;
+  C *xb, *pre1, *h1, *pre2, *hin, *dh, *dh1, *gu;
   Scratch(const Params& P, bool backward) {
     const int64_t B = kRowBlock, rp = P.rp, dp = P.dp;
     const int64_t small = B * rp;
-    buf.assign(size_t(B * dp + (backward ? 6 : 4) * small + (backward ? B * dp : 0) +
-                      (kMicroRows + 1) * dp),
+    buf.assign(size_t(B * dp + (backward ? 6 : 4) * small + (backward ? B * dp : 0)),
                poison_outputs() ? std::numeric_limits<C>::quiet_NaN() : C(0));
     C* p = buf.data();
     xb = p; p += B * dp;
@@ -221,9 +285,7 @@ struct Scratch {
     hin = p; p += small;
     dh = backward ? p : nullptr; p += backward ? small : 0;
     dh1 = backward ? p : nullptr; p += backward ? small : 0;
-    gu = backward ? p : nullptr; p += backward ? B * dp : 0;
-    tile = p; p += kMicroRows * dp;
-    row = p;
+    gu = backward ? p : nullptr;
   }
 };
 
@@ -243,19 +305,41 @@ inline const C* block_x(const S* x, int64_t row0, int64_t rows, const Params& P,
   return xb;
 }
 
-// Forward of one row block up to the input of `up`: pre1/h1 (rows x r), pre2 (when shared) and
-// hin (after dropout), all with stride rp.
+// Width of the saved pre-activations of a row: pre1 (r), then pre2 (r) when shared.
+inline int64_t saved_width(const Params& P) { return P.shared ? 2 * P.r : P.r; }
+
+// rows x r values of `src` (row stride ld) into dst with stride rp, zero pad columns.
 template <typename C>
-void bottleneck_rows(const C* xb, int64_t ldx, int64_t row0, int64_t rows, const Params& P,
-                     const Packed<C>& W, Scratch<C>& s) {
-  const int64_t d = P.d, r = P.r, rp = P.rp;
-  fill_rows(s.pre1, rows, rp, W.bd, r);
-  gemm_acc<C>(rows, rp, d, xb, ldx, 1, W.wdT.data(), rp, s.pre1, rp);
+inline void copy_padded(const C* src, int64_t ld, int64_t rows, int64_t r, int64_t rp, C* dst) {
+  for (int64_t i = 0; i < rows; ++i) {
+    std::copy(src + i * ld, src + i * ld + r, dst + i * rp);
+    std::fill(dst + i * rp + r, dst + (i + 1) * rp, C(0));
+  }
+}
+
+// Forward of one row block up to the input of `up`: pre1/h1 (rows x r), pre2 (when shared) and
+// hin (after dropout), all with stride rp (pad columns zero: act(0) = 0 for every activation).
+// saved (the forward's pre-activations, row stride saved_width) replaces the down and shared
+// products when given: the backward then costs no product over d for them.
+template <typename C>
+void bottleneck_rows(const C* xb, int64_t ldx, const C* saved, int64_t row0, int64_t rows,
+                     const Params& P, const Packed<C>& W, Scratch<C>& s) {
+  const int64_t d = P.d, r = P.r, rp = P.rp, sw = saved_width(P);
+  if (saved) {
+    copy_padded(saved + row0 * sw, sw, rows, r, rp, s.pre1);
+  } else {
+    fill_rows(s.pre1, rows, rp, W.bd, r);
+    gemm_acc<C>(rows, rp, d, xb, ldx, 1, W.wdT.data(), rp, s.pre1, rp);
+  }
   for (int64_t i = 0; i < rows * rp; ++i) s.h1[i] = act_fwd(s.pre1[i], P.act);
   const C* h = s.h1;
   if (P.shared) {
-    fill_rows(s.pre2, rows, rp, W.bs, r);
-    gemm_acc<C>(rows, rp, r, s.h1, rp, 1, W.wsT.data(), rp, s.pre2, rp);
+    if (saved) {
+      copy_padded(saved + row0 * sw + r, sw, rows, r, rp, s.pre2);
+    } else {
+      fill_rows(s.pre2, rows, rp, W.bs, r);
+      gemm_acc<C>(rows, rp, r, s.h1, rp, 1, W.wsT.data(), rp, s.pre2, rp);
+    }
     for (int64_t i = 0; i < rows * rp; ++i) s.hin[i] = act_fwd(s.pre2[i], P.act);
   } else {
     std::copy(h, h + rows * rp, s.hin);
@@ -276,45 +360,55 @@ template <typename S>
 void forward_impl(const at::Tensor& x, const at::Tensor& res, const at::Tensor& wd,
                   const at::Tensor& bd, const at::Tensor& ws, const at::Tensor& bs,
                   const at::Tensor& wu, const at::Tensor& bu, const at::Tensor& rs,
-                  const Params& P, at::Tensor& y) {
+                  const Params& P, at::Tensor& y, at::Tensor& saved) {
   using C = typename ComputeOf<S>::type;
   const int64_t d = P.d, rp = P.rp, dp = P.dp;
   const Packed<C> W = pack_all<S, C>(P, wd, bd, ws, bs, wu, bu, rs, false);
   const S* xp = x.data_ptr<S>();
   const S* resp = res.defined() ? res.data_ptr<S>() : xp;
   S* yp = y.data_ptr<S>();
-  C* const ydirect = as_compute<S, C>(yp, P.d, P.dp);
+  C* const savep = saved.defined() ? saved.data_ptr<C>() : nullptr;
   const C scale = C(P.scale);
+  const bool has_rs = !W.rs.empty();
+  const std::vector<C> zeros(size_t(dp), C(0));
+  const C* const bias_u = W.bu.empty() ? zeros.data() : W.bu.data();
+  using V = typename Vec32<C>::type;
+  using U = typename Vec32<C>::unaligned;
+  constexpr int64_t NC = tile_cols<C>();
   const int64_t nblocks = (P.M + kRowBlock - 1) / kRowBlock;
+  const bool stream = streams_output(P.M * d * int64_t(sizeof(S)));
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     Scratch<C> s(P, false);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t row0 = b * kRowBlock, rows = std::min(kRowBlock, P.M - row0);
       int64_t ldx;
       const C* xb = block_x<S, C>(xp, row0, rows, P, s.xb, ldx);
-      bottleneck_rows<C>(xb, ldx, row0, rows, P, W, s);
-      // up projection kMicroRows rows at a time (into y itself, or an L1 tile), then the
-      // epilogue in place
-      for (int64_t i0 = 0; i0 < rows; i0 += kMicroRows) {
-        const int64_t n = std::min<int64_t>(kMicroRows, rows - i0);
-        C* const t0 = ydirect ? ydirect + (row0 + i0) * d : s.tile;
-        const int64_t ldt = ydirect ? d : dp;
-        fill_rows(t0, n, ldt, W.bu, d);
-        gemm_acc<C>(n, dp, P.r, s.hin + i0 * rp, rp, 1, W.wuT.data(), dp, t0, ldt);
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t row = row0 + i0 + i;
-          const C* __restrict__ resi = row_in_compute<S, C>(resp + row * d, s.row, d);
-          C* __restrict__ t = t0 + i * ldt;
-          if (!W.rs.empty()) {
-            const C rv = W.rs[row];
-            for (int64_t j = 0; j < d; ++j) t[j] = resi[j] + (t[j] * scale) * rv;
-          } else {
-            for (int64_t j = 0; j < d; ++j) t[j] = resi[j] + t[j] * scale;
-          }
-          if (!ydirect) narrow<S, C>(t, yp + row * d, d);
+      bottleneck_rows<C>(xb, ldx, nullptr, row0, rows, P, W, s);
+      if (savep) {
+        const int64_t sw = saved_width(P);
+        for (int64_t i = 0; i < rows; ++i) {
+          C* o = savep + (row0 + i) * sw;
+          std::copy(s.pre1 + i * rp, s.pre1 + i * rp + P.r, o);
+          if (P.shared) std::copy(s.pre2 + i * rp, s.pre2 + i * rp + P.r, o + P.r);
         }
       }
+      // up projection with the epilogue fused: y = residual + (u * scale) * row_scale,
+      // u = hin W_u^T + b_u, each y element written once
+      gemm_epi<C>(rows, dp, P.r, s.hin, rp, 1, W.wuT.data(), dp,
+                  [&](int64_t i, int64_t j, V lo, V hi) {
+        const int64_t row = row0 + i, n = std::min(NC, d - j);
+        const C f = has_rs ? W.rs[row] : C(1);
+        V r0, r1;
+        load_tile<S, C>(resp + row * d + j, n, r0, r1);
+        const V b0 = *reinterpret_cast<const U*>(bias_u + j);
+        const V b1 = *reinterpret_cast<const U*>(bias_u + j + NC / 2);
+        // (u * scale) * row_scale, u = acc + b_u: the reference's order of operations
+        V y0 = ((lo + b0) * scale) * f + r0;
+        V y1 = ((hi + b1) * scale) * f + r1;
+        store_tile<S, C>(y0, y1, yp + row * d + j, n, stream);
+      });
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -323,8 +417,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const at::Tensor& x,
                                       const at::Tensor& wd, const at::Tensor& bd,
                                       const at::Tensor& ws, const at::Tensor& bs,
                                       const at::Tensor& wu, const at::Tensor& bu,
-                                      const at::Tensor& rs, const Params& P, bool need_dx,
-                                      bool need_dscale, bool gsi) {
+                                      const at::Tensor& rs, const at::Tensor& saved,
+                                      const Params& P, bool need_dx, bool need_dscale,
+                                      bool gsi) {
   using C = typename ComputeOf<S>::type;
   const int64_t M = P.M, d = P.d, r = P.r, rp = P.rp, dp = P.dp;
   const auto opts = x.options();
@@ -337,8 +432,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const at::Tensor& x,
   // Partial layout per chunk (padded columns): dWd (r,dp) | dWs (r,rp) | dWu (d,rp)
   const int64_t o_wd = 0, o_ws = o_wd + r * dp, o_wu = o_ws + r * rp, psize = o_wu + d * rp;
   std::vector<C> partial(size_t(nchunks * psize), C(0));
-  // Bias gradients and dscale are plain sums over rows (short, cancelling for small r):
-  // accumulated in double, in their own partials: db_d (r) | db_s (r) | db_u (d) | dscale.
+  // Bias gradients are plain sums over rows (short, cancelling for small r): accumulated in
+  // double, in their own partials: db_d (r) | db_s (r) | db_u (d) | dscale (set at the end).
   const int64_t b_bd = 0, b_bs = r, b_bu = 2 * r, b_sc = 2 * r + d, bsize = b_sc + 1;
   std::vector<double> bpartial(size_t(nchunks * bsize), 0.0);
 
@@ -346,10 +441,14 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const at::Tensor& x,
   const S* xp = x.data_ptr<S>();
   const S* gyp = gy.data_ptr<S>();
   S* dxp = need_dx ? dx.data_ptr<S>() : nullptr;
-  C* const dxdirect = dxp ? as_compute<S, C>(dxp, P.d, P.dp) : nullptr;
   const C scale = C(P.scale);
+  using V = typename Vec32<C>::type;
+  constexpr int64_t NC = tile_cols<C>();
   const bool has_rs = !W.rs.empty();
+  const bool direct_g = std::is_same_v<S, C> && d == dp && !has_rs;
+  const C* const savedp = saved.defined() ? saved.data_ptr<C>() : nullptr;
 
+  const bool stream = need_dx && streams_output(M * d * int64_t(sizeof(S)));
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     Scratch<C> s(P, true);
     std::vector<C> colsum(static_cast<size_t>(dp), C(0));
@@ -358,49 +457,47 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const at::Tensor& x,
       double* bpart = bpartial.data() + c * bsize;
       C* pwd = part + o_wd; C* pws = part + o_ws; C* pwu = part + o_wu;
       double* pbd = bpart + b_bd; double* pbs = bpart + b_bs; double* pbu = bpart + b_bu;
-      double dscale = 0.0;
       const int64_t cend = std::min(M, (c + 1) * chunk_rows);
       for (int64_t row0 = c * chunk_rows; row0 < cend; row0 += kRowBlock) {
         const int64_t rows = std::min(kRowBlock, cend - row0);
         int64_t ldx;
         const C* xb = block_x<S, C>(xp, row0, rows, P, s.xb, ldx);
-        bottleneck_rows<C>(xb, ldx, row0, rows, P, W, s);
-        // g_u = scale * row_scale * g (zero pad columns); db_u += column sums of g_u
+        bottleneck_rows<C>(xb, ldx, savedp, row0, rows, P, W, s);
+        // gr = row_scale * g: grad_y's rows themselves when they already are that (compute
+        // dtype, no padding, no row_scale), else widened / scaled into the scratch (zero pad
+        // columns). scale is applied to the r-wide dh and, once, to the reduced dW_u / db_u,
+        // never to a d-wide copy of g. db_u / scale += column sums of gr.
+        const C* gr;
+        int64_t ldg;
+        if (direct_g) {
+          gr = reinterpret_cast<const C*>(gyp) + row0 * d;
+          ldg = d;
+        } else {
+          for (int64_t i = 0; i < rows; ++i) {
+            const int64_t row = row0 + i;
+            C* gi = s.gu + i * dp;
+            const C* g = row_in_compute<S, C>(gyp + row * d, gi, d);  // widened in place
+            if (has_rs) {
+              const C rv = W.rs[row];
+              for (int64_t j = 0; j < d; ++j) gi[j] = g[j] * rv;
+            } else if (g != gi) {
+              std::copy(g, g + d, gi);
+            }
+            for (int64_t j = d; j < dp; ++j) gi[j] = C(0);
+          }
+          gr = s.gu;
+          ldg = dp;
+        }
         std::fill(colsum.begin(), colsum.end(), C(0));
         for (int64_t i = 0; i < rows; ++i) {
-          const int64_t row = row0 + i;
-          C* gu = s.gu + i * dp;
-          const C* g = row_in_compute<S, C>(gyp + row * d, gu, d);  // widened in place if needed
-          if (has_rs) {
-            const C rv = W.rs[row];
-            for (int64_t j = 0; j < d; ++j) gu[j] = (g[j] * rv) * scale;
-          } else {
-            for (int64_t j = 0; j < d; ++j) gu[j] = g[j] * scale;
-          }
-          for (int64_t j = d; j < dp; ++j) gu[j] = C(0);
-          for (int64_t j = 0; j < d; ++j) colsum[j] += gu[j];
+          const C* __restrict__ gi = gr + i * ldg;
+          for (int64_t j = 0; j < d; ++j) colsum[j] += gi[j];
         }
         for (int64_t j = 0; j < d; ++j) pbu[j] += double(colsum[j]);
-        // learnable scale: u = hin W_u^T + b_u and dscale += sum(g * row_scale * u)
-        if (need_dscale) {
-          for (int64_t i0 = 0; i0 < rows; i0 += kMicroRows) {
-            const int64_t n = std::min<int64_t>(kMicroRows, rows - i0);
-            fill_rows(s.tile, n, dp, W.bu, d);
-            gemm_acc<C>(n, dp, r, s.hin + i0 * rp, rp, 1, W.wuT.data(), dp, s.tile, dp);
-            for (int64_t i = 0; i < n; ++i) {
-              const int64_t row = row0 + i0 + i;
-              const C* gyi = row_in_compute<S, C>(gyp + row * d, s.row, d);
-              const C* u = s.tile + i * dp;
-              const C rv = has_rs ? W.rs[row] : C(1);
-              double ds = 0.0;
-              for (int64_t j = 0; j < d; ++j) ds += double((has_rs ? gyi[j] * rv : gyi[j]) * u[j]);
-              dscale += ds;
-            }
-          }
-        }
-        // dh = g_u W_u
+        // dh = scale * (gr W_u)
         fill_rows(s.dh, rows, rp, std::vector<C>(), r);
-        gemm_acc<C>(rows, rp, d, s.gu, dp, 1, W.wu.data(), rp, s.dh, rp);
+        gemm_acc<C>(rows, rp, d, gr, ldg, 1, W.wu.data(), rp, s.dh, rp);
+        for (int64_t i = 0; i < rows * rp; ++i) s.dh[i] *= scale;
         if (P.p > 0.0) {
           const float pf = float(P.p);
           const C mult = C(1.0 / (1.0 - P.p));
@@ -435,32 +532,28 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const at::Tensor& x,
             pbd[k] += double(g1[k]);
           }
         }
-        // Weight gradients of the block: dW_u += g_u^T hin, dW_s += dpre2^T h1, dW_d += dpre1^T x
-        gemm_acc<C>(d, rp, rows, s.gu, 1, dp, s.hin, rp, pwu, rp);
+        // Weight gradients of the block: dW_u / scale += gr^T hin, dW_s += dpre2^T h1,
+        // dW_d += dpre1^T x
+        gemm_acc<C>(d, rp, rows, gr, 1, ldg, s.hin, rp, pwu, rp);
         if (P.shared) gemm_acc<C>(r, rp, rows, s.dh, 1, rp, s.h1, rp, pws, rp);
         gemm_acc<C>(r, dp, rows, s.dh1, 1, rp, xb, ldx, pwd, dp);
         // dx = dpre1 W_d (+ g when the residual is x itself)
         if (dxp) {
-          for (int64_t i0 = 0; i0 < rows; i0 += kMicroRows) {
-            const int64_t n = std::min<int64_t>(kMicroRows, rows - i0);
-            C* const t0 = dxdirect ? dxdirect + (row0 + i0) * d : s.tile;
-            const int64_t ldt = dxdirect ? d : dp;
-            fill_rows(t0, n, ldt, std::vector<C>(), d);
-            gemm_acc<C>(n, dp, r, s.dh1 + i0 * rp, rp, 1, W.wd.data(), dp, t0, ldt);
-            for (int64_t i = 0; i < n; ++i) {
-              const int64_t row = row0 + i0 + i;
-              C* __restrict__ t = t0 + i * ldt;
-              if (!has_residual) {
-                const C* __restrict__ gyi = row_in_compute<S, C>(gyp + row * d, s.row, d);
-                for (int64_t j = 0; j < d; ++j) t[j] = gyi[j] + t[j];
-              }
-              if (!dxdirect) narrow<S, C>(t, dxp + row * d, d);
+          gemm_epi<C>(rows, dp, r, s.dh1, rp, 1, W.wd.data(), dp,
+                      [&](int64_t i, int64_t j, V lo, V hi) {
+            const int64_t row = row0 + i, n = std::min(NC, d - j);
+            if (!has_residual) {   // the residual is x itself: its identity path
+              V g0, g1;
+              load_tile<S, C>(gyp + row * d + j, n, g0, g1);
+              lo = g0 + lo;
+              hi = g1 + hi;
             }
-          }
+            store_tile<S, C>(lo, hi, dxp + row * d + j, n, stream);
+          });
         }
       }
-      bpart[b_sc] = dscale;
     }
+    if (stream) stream_fence();
   });
 
   // Fixed-order sum of the chunk partials (parallel over elements: still deterministic).
@@ -475,13 +568,26 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const at::Tensor& x,
       for (int64_t e = e0; e < e1; ++e) tp[e] += pc[e];
     }
   });
+  std::vector<double> bsum(size_t(bsize), 0.0);
+  for (int64_t e = 0; e < bsize; ++e)
+    for (int64_t c = 0; c < nchunks; ++c) bsum[e] += bpartial[c * bsize + e];
+  // dW_u and db_u were summed without scale (as gr^T hin and colsum(gr)). With
+  // u = hin W_u^T + b_u, dscale = sum(row_scale * g * u) = <W_u, gr^T hin> + <b_u, colsum(gr)>:
+  // from those sums, with no product over the rows. Then dW_u and db_u get their scale.
+  if (need_dscale) {
+    double ds = 0.0;
+    for (int64_t j = 0; j < d; ++j)
+      for (int64_t k = 0; k < r; ++k)
+        ds += double(W.wu[j * rp + k]) * double(tp[o_wu + j * rp + k]);
+    if (!W.bu.empty())
+      for (int64_t j = 0; j < d; ++j) ds += double(W.bu[j]) * bsum[b_bu + j];
+    bsum[b_sc] = ds;
+  }
+  for (int64_t e = o_wu; e < o_wu + d * rp; ++e) tp[e] *= scale;
+  for (int64_t j = 0; j < d; ++j) bsum[b_bu + j] *= P.scale;
   at::Tensor btotal = at::empty({bsize}, copts);
   C* bt = btotal.data_ptr<C>();
-  for (int64_t e = 0; e < bsize; ++e) {
-    double acc = 0.0;
-    for (int64_t c = 0; c < nchunks; ++c) acc += bpartial[c * bsize + e];
-    bt[e] = C(acc);
-  }
+  for (int64_t e = 0; e < bsize; ++e) bt[e] = C(bsum[e]);
   if (gsi) {
     total.div_(P.scale);
     btotal.div_(P.scale);
@@ -548,15 +654,20 @@ at::Tensor dropout_row_ids(const c10::optional<at::Tensor>& rows, Params& P) {
   return t;
 }
 
-at::Tensor bottleneck_forward_cpu(const at::Tensor& x_, const c10::optional<at::Tensor>& residual,
-                                  const at::Tensor& wd_, const c10::optional<at::Tensor>& bd_,
-                                  const c10::optional<at::Tensor>& ws_,
-                                  const c10::optional<at::Tensor>& bs_, const at::Tensor& wu_,
-                                  const c10::optional<at::Tensor>& bu_, double scale,
-                                  const c10::optional<at::Tensor>& row_scale,
-                                  const c10::optional<at::Tensor>& seed, std::string activation,
-                                  double dropout_p,
-                                  const c10::optional<at::Tensor>& dropout_rows) {
+// The compute dtype's scalar type (float32 storage for every low-precision dtype).
+at::ScalarType compute_type(at::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
+
+// y, and with save_pre the rows' pre-activations (M x saved_width, compute dtype) for the
+// backward, which then skips the down (and shared) products.
+std::vector<at::Tensor> forward_cpu(const at::Tensor& x_, const c10::optional<at::Tensor>& residual,
+                                    const at::Tensor& wd_, const c10::optional<at::Tensor>& bd_,
+                                    const c10::optional<at::Tensor>& ws_,
+                                    const c10::optional<at::Tensor>& bs_, const at::Tensor& wu_,
+                                    const c10::optional<at::Tensor>& bu_, double scale,
+                                    const c10::optional<at::Tensor>& row_scale,
+                                    const c10::optional<at::Tensor>& seed,
+                                    const std::string& activation, double dropout_p,
+                                    const c10::optional<at::Tensor>& dropout_rows, bool save_pre) {
   const auto dt = x_.scalar_type();
   check_dtype(dt);
   at::Tensor x = x_.contiguous();
@@ -568,12 +679,41 @@ at::Tensor bottleneck_forward_cpu(const at::Tensor& x_, const c10::optional<at::
   at::Tensor bd = opt_contig(bd_, dt), ws = opt_contig(ws_, dt), bs = opt_contig(bs_, dt),
              bu = opt_contig(bu_, dt), rs = opt_contig(row_scale, dt);
   at::Tensor y = at::empty({P.M, P.d}, x.options());
-  if (P.M == 0) return y;
-  if (poison_outputs()) y.fill_(std::numeric_limits<double>::quiet_NaN());
+  at::Tensor saved = save_pre ? at::empty({P.M, saved_width(P)}, x.options().dtype(compute_type(dt)))
+                              : at::Tensor();
+  if (P.M == 0) return {y, save_pre ? saved : at::empty({0}, x.options())};
+  if (poison_outputs()) {
+    y.fill_(std::numeric_limits<double>::quiet_NaN());
+    if (save_pre) saved.fill_(std::numeric_limits<double>::quiet_NaN());
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "bottleneck_forward_cpu", [&] {
-    forward_impl<scalar_t>(x, res, wd, bd, ws, bs, wu, bu, rs, P, y);
+    forward_impl<scalar_t>(x, res, wd, bd, ws, bs, wu, bu, rs, P, y, saved);
   });
-  return y;
+  return {y, save_pre ? saved : at::empty({0}, x.options())};
+}
+
+at::Tensor bottleneck_forward_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                                  const at::Tensor& wd, const c10::optional<at::Tensor>& bd,
+                                  const c10::optional<at::Tensor>& ws,
+                                  const c10::optional<at::Tensor>& bs, const at::Tensor& wu,
+                                  const c10::optional<at::Tensor>& bu, double scale,
+                                  const c10::optional<at::Tensor>& row_scale,
+                                  const c10::optional<at::Tensor>& seed, std::string activation,
+                                  double dropout_p,
+                                  const c10::optional<at::Tensor>& dropout_rows) {
+  return forward_cpu(x, residual, wd, bd, ws, bs, wu, bu, scale, row_scale, seed, activation,
+                     dropout_p, dropout_rows, false)[0];
+}
+
+std::vector<at::Tensor> bottleneck_forward_saving_cpu(
+    const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& wd,
+    const c10::optional<at::Tensor>& bd, const c10::optional<at::Tensor>& ws,
+    const c10::optional<at::Tensor>& bs, const at::Tensor& wu,
+    const c10::optional<at::Tensor>& bu, double scale, const c10::optional<at::Tensor>& row_scale,
+    const c10::optional<at::Tensor>& seed, std::string activation, double dropout_p,
+    const c10::optional<at::Tensor>& dropout_rows) {
+  return forward_cpu(x, residual, wd, bd, ws, bs, wu, bu, scale, row_scale, seed, activation,
+                     dropout_p, dropout_rows, true);
 }
 
 std::vector<at::Tensor> bottleneck_backward_cpu(
@@ -583,7 +723,7 @@ std::vector<at::Tensor> bottleneck_backward_cpu(
     const c10::optional<at::Tensor>& bu_, double scale, const c10::optional<at::Tensor>& row_scale,
     const c10::optional<at::Tensor>& seed, std::string activation, double dropout_p,
     bool grad_scale_invariant, bool need_dx, bool need_dscale,
-    const c10::optional<at::Tensor>& dropout_rows) {
+    const c10::optional<at::Tensor>& dropout_rows, const c10::optional<at::Tensor>& saved_pre) {
   const auto dt = x_.scalar_type();
   check_dtype(dt);
   at::Tensor x = x_.contiguous();
@@ -594,10 +734,19 @@ std::vector<at::Tensor> bottleneck_backward_cpu(
   at::Tensor wd = wd_.to(dt).contiguous(), wu = wu_.to(dt).contiguous();
   at::Tensor bd = opt_contig(bd_, dt), ws = opt_contig(ws_, dt), bs = opt_contig(bs_, dt),
              bu = opt_contig(bu_, dt), rs = opt_contig(row_scale, dt);
+  at::Tensor saved;
+  if (saved_pre.has_value() && saved_pre->defined()) {
+    TORCH_CHECK(saved_pre->dim() == 2 && saved_pre->size(0) == P.M &&
+                    saved_pre->size(1) == saved_width(P) &&
+                    saved_pre->scalar_type() == compute_type(dt),
+                "bottleneck: saved_pre must be the forward's (M, ", saved_width(P), ") ",
+                compute_type(dt), " pre-activations");
+    saved = saved_pre->contiguous();
+  }
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "bottleneck_backward_cpu", [&] {
-    out = backward_impl<scalar_t>(gy, x, has_residual, wd, bd, ws, bs, wu, bu, rs, P, need_dx,
-                                  need_dscale, grad_scale_invariant);
+    out = backward_impl<scalar_t>(gy, x, has_residual, wd, bd, ws, bs, wu, bu, rs, saved, P,
+                                  need_dx, need_dscale, grad_scale_invariant);
   });
   return out;
 }
@@ -620,16 +769,21 @@ TORCH_LIBRARY_FRAGMENT(pyadapt_C, m) {
         "Tensor? shared_weight, Tensor? shared_bias, Tensor up_weight, Tensor? up_bias, "
         "float scale, Tensor? row_scale, Tensor? seed, str activation, float dropout_p, "
         "Tensor? dropout_rows=None) -> Tensor");
+  m.def("bottleneck_forward_saving(Tensor x, Tensor? residual, Tensor down_weight, "
+        "Tensor? down_bias, Tensor? shared_weight, Tensor? shared_bias, Tensor up_weight, "
+        "Tensor? up_bias, float scale, Tensor? row_scale, Tensor? seed, str activation, "
+        "float dropout_p, Tensor? dropout_rows=None) -> Tensor[]");
   m.def("bottleneck_backward(Tensor grad_y, Tensor x, bool has_residual, Tensor down_weight, "
         "Tensor? down_bias, Tensor? shared_weight, Tensor? shared_bias, Tensor up_weight, "
         "Tensor? up_bias, float scale, Tensor? row_scale, Tensor? seed, str activation, "
         "float dropout_p, bool grad_scale_invariant, bool need_dx, bool need_dscale, "
-        "Tensor? dropout_rows=None) -> Tensor[]");
+        "Tensor? dropout_rows=None, Tensor? saved_pre=None) -> Tensor[]");
   m.def("dropout_keep(int seed, int rows, int cols, float p) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pyadapt_C, CPU, m) {
   m.impl("bottleneck_forward", &bottleneck_forward_cpu);
+  m.impl("bottleneck_forward_saving", &bottleneck_forward_saving_cpu);
   m.impl("bottleneck_backward", &bottleneck_backward_cpu);
 }
 

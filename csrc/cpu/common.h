@@ -308,5 +308,61 @@ inline void gemm_acc(int64_t m, int64_t n, int64_t K, const T* A, int64_t a_rs, 
   }
 }
 
+// The same product with the epilogue fused: acc(i, j..j+2L) = sum_k A(i, k) B[k * ldb + j..]
+// is summed in registers over all of K in one pass (K is an adapter's rank: short), then
+// epi(i, j, lo, hi) gets the two accumulator vectors of columns j..j+2L of row i and writes the
+// finished values itself (bias, scale, residual, rounding to the storage type). Every output is
+// written once, by the epilogue: no zero or bias fill, no read-modify-write of the output.
+// Columns up to n (a multiple of tile_cols<T>(), B padded); the epilogue clips to the real width.
+// Sums run over k in order: the result depends on K only, not on m or the thread count.
+template <typename T, int MR, typename Epi>
+inline void gemm_micro_epi(int64_t K, const T* __restrict__ A, int64_t a_rs, int64_t a_cs,
+                           const T* __restrict__ B, int64_t ldb, int64_t i0, int64_t j0,
+                           Epi& epi) {
+  using V = typename Vec32<T>::type;
+  using U = typename Vec32<T>::unaligned;
+  constexpr int64_t L = vec_len<T>();
+  V lo[MR], hi[MR];
+#pragma GCC unroll 8
+  for (int q = 0; q < MR; ++q) {
+    lo[q] = V{};
+    hi[q] = V{};
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const T* b = B + k * ldb;
+    const V b0 = *reinterpret_cast<const U*>(b);
+    const V b1 = *reinterpret_cast<const U*>(b + L);
+    const T* a = A + k * a_cs;
+#pragma GCC unroll 8
+    for (int q = 0; q < MR; ++q) {
+      const T s = a[q * a_rs];
+      lo[q] += b0 * s;
+      hi[q] += b1 * s;
+    }
+  }
+  for (int q = 0; q < MR; ++q) epi(i0 + q, j0, lo[q], hi[q]);
+}
+
+template <typename T, typename Epi>
+inline void gemm_epi(int64_t m, int64_t n, int64_t K, const T* A, int64_t a_rs, int64_t a_cs,
+                     const T* B, int64_t ldb, Epi&& epi) {
+  constexpr int64_t NC = tile_cols<T>();
+  for (int64_t j0 = 0; j0 < n; j0 += NC) {
+    const T* b = B + j0;
+    int64_t i0 = 0;
+    for (; i0 + kMicroRows <= m; i0 += kMicroRows)
+      gemm_micro_epi<T, kMicroRows>(K, A + i0 * a_rs, a_rs, a_cs, b, ldb, i0, j0, epi);
+    const T* a = A + i0 * a_rs;
+    switch (m - i0) {
+      case 5: gemm_micro_epi<T, 5>(K, a, a_rs, a_cs, b, ldb, i0, j0, epi); break;
+      case 4: gemm_micro_epi<T, 4>(K, a, a_rs, a_cs, b, ldb, i0, j0, epi); break;
+      case 3: gemm_micro_epi<T, 3>(K, a, a_rs, a_cs, b, ldb, i0, j0, epi); break;
+      case 2: gemm_micro_epi<T, 2>(K, a, a_rs, a_cs, b, ldb, i0, j0, epi); break;
+      case 1: gemm_micro_epi<T, 1>(K, a, a_rs, a_cs, b, ldb, i0, j0, epi); break;
+      default: break;
+    }
+  }
+}
+
 }  // namespace cpu
 }  // namespace pyadapt

@@ -16,8 +16,8 @@ from .lowrank import lowrank_linear
 from .mpm_nce import mpm_nce
 from .radapter import radapter
 
-CUSTOM_OPS = ("bottleneck_forward", "bottleneck_backward", "radapter_forward",
-              "radapter_backward", "lowrank_forward", "lowrank_backward", "fold_weights",
+CUSTOM_OPS = ("bottleneck_forward", "bottleneck_forward_saving", "bottleneck_backward",
+              "radapter_forward", "radapter_backward", "lowrank_forward", "lowrank_backward", "fold_weights",
               "mpm_nce_forward", "mpm_nce_backward", "bank_bottleneck_forward",
               "bank_bottleneck_backward", "mma_pair_forward", "mma_pair_backward",
               "bank_linear_forward", "bank_linear_backward")

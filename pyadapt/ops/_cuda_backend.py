@@ -47,7 +47,8 @@ def bottleneck_forward(x, residual, down_weight, down_bias, shared_weight, share
 
 def bottleneck_backward(grad_y, x, has_residual, down_weight, down_bias, shared_weight,
                         shared_bias, up_weight, up_bias, scale, scale_value, row_scale, seed,
-                        activation, dropout_p, grad_scale_invariant, needs):
+                        activation, dropout_p, grad_scale_invariant, needs, saved_pre=None):
+    # saved_pre (the cpu backend's saved pre-activations) is not used: the kernel recomputes
     if not _covers(x):
         return _bottleneck._reference_backward(
             grad_y, x, has_residual, down_weight, down_bias, shared_weight, shared_bias,

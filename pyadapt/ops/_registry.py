@@ -147,6 +147,11 @@ def kernel_for(op: str, device_type: str) -> Callable:
     return _kernels[op][backend_for(op, device_type)]
 
 
+def kernel_of(op: str, backend: str) -> Optional[Callable]:
+    """`backend`'s kernel of `op`, or None when it has none (no fallback)."""
+    return _kernels.get(op, {}).get(backend)
+
+
 def kernel_table() -> dict[str, list[str]]:
     """{op: [backends implementing it]}."""
     return {op: sorted(impls) for op, impls in sorted(_kernels.items())}

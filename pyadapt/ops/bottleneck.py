@@ -9,14 +9,15 @@ it. `bottleneck()` is the checked entry point the modules call.
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
 from .. import _validate as check
 from .. import reference
 from . import _grads
-from ._registry import kernel_for, register, register_autograd, register_from
+from ._registry import (backend_for, kernel_for, kernel_of, register, register_autograd,
+                        register_from)
 from ._scalars import effective_scale, seed_tensor, split_scale
 
 Tensor = torch.Tensor
@@ -51,27 +52,27 @@ def bottleneck_backward(grad_y: Tensor, x: Tensor, has_residual: bool, down_weig
                         shared_bias: Optional[Tensor], up_weight: Tensor,
                         up_bias: Optional[Tensor], scale: Optional[Tensor], scale_value: float,
                         row_scale: Optional[Tensor], seed: Optional[Tensor], activation: str,
-                        dropout_p: float, grad_scale_invariant: bool,
-                        needs: List[bool]) -> List[Tensor]:
+                        dropout_p: float, grad_scale_invariant: bool, needs: List[bool],
+                        saved_pre: Optional[Tensor] = None) -> List[Tensor]:
     fn = kernel_for("bottleneck_backward", x.device.type)
     return fn(grad_y, x, has_residual, down_weight, down_bias, shared_weight, shared_bias,
               up_weight, up_bias, scale, scale_value, row_scale, seed, activation, dropout_p,
-              grad_scale_invariant, needs)
+              grad_scale_invariant, needs, saved_pre)
 
 
 @bottleneck_backward.register_fake
 def _(grad_y, x, has_residual, down_weight, down_bias, shared_weight, shared_bias, up_weight,
       up_bias, scale, scale_value, row_scale, seed, activation, dropout_p, grad_scale_invariant,
-      needs):
+      needs, saved_pre=None):
     inputs = [x, down_weight, down_bias, shared_weight, shared_bias, up_weight, up_bias, scale]
     return _grads.fake(inputs, needs, x)
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, saved_pre=None):
     (x, residual, down_weight, down_bias, shared_weight, shared_bias, up_weight, up_bias, scale,
      scale_value, row_scale, seed, activation, dropout_p, grad_scale_invariant) = inputs
     ctx.save_for_backward(x, down_weight, down_bias, shared_weight, shared_bias, up_weight,
-                          up_bias, scale, row_scale, seed)
+                          up_bias, scale, row_scale, seed, saved_pre)
     ctx.has_residual = residual is not None
     ctx.residual_dtype = None if residual is None else residual.dtype
     ctx.hyper = (scale_value, activation, dropout_p, grad_scale_invariant)
@@ -79,7 +80,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y):
     (x, down_weight, down_bias, shared_weight, shared_bias, up_weight, up_bias, scale, row_scale,
-     seed) = ctx.saved_tensors
+     seed, saved_pre) = ctx.saved_tensors
     scale_value, activation, dropout_p, grad_scale_invariant = ctx.hyper
     n = ctx.needs_input_grad
     # forward input positions: x 0, residual 1, down 2-3, shared 4-5, up 6-7, scale 8
@@ -90,7 +91,7 @@ def _backward(ctx, grad_y):
         packed = bottleneck_backward(grad_y, x, ctx.has_residual, down_weight, down_bias,
                                      shared_weight, shared_bias, up_weight, up_bias, scale,
                                      scale_value, row_scale, seed, activation, dropout_p,
-                                     grad_scale_invariant, needs)
+                                     grad_scale_invariant, needs, saved_pre)
         grads = _grads.unpack(packed, inputs, needs)
     dx, d_down_w, d_down_b, d_shared_w, d_shared_b, d_up_w, d_up_b, d_scale = grads
     d_residual = grad_y.to(ctx.residual_dtype) if ctx.has_residual and n[1] else None
@@ -99,6 +100,71 @@ def _backward(ctx, grad_y):
 
 
 register_autograd(bottleneck_forward, _backward, _setup_context)
+
+
+# The training forward of the cpu backend: y and the rows' pre-activations (M, r), with pre2
+# after them (M, 2r) when shared, in the compute dtype (float32; float64 for float64 storage).
+# The backward reads them instead of recomputing down(x) (a product over d): `bottleneck()`
+# takes this op in eager training on the cpu backend. On any other backend the op still answers
+# (y from that backend, the pre-activations computed in torch), so a choice made under one
+# backend stays correct under another.
+
+@torch.library.custom_op("pyadapt::bottleneck_forward_saving", mutates_args=())
+def bottleneck_forward_saving(x: Tensor, residual: Optional[Tensor], down_weight: Tensor,
+                              down_bias: Optional[Tensor], shared_weight: Optional[Tensor],
+                              shared_bias: Optional[Tensor], up_weight: Tensor,
+                              up_bias: Optional[Tensor], scale: Optional[Tensor],
+                              scale_value: float, row_scale: Optional[Tensor],
+                              seed: Optional[Tensor], activation: str, dropout_p: float,
+                              grad_scale_invariant: bool) -> Tuple[Tensor, Tensor]:
+    args = (x, residual, down_weight, down_bias, shared_weight, shared_bias, up_weight, up_bias,
+            scale, scale_value, row_scale, seed, activation, dropout_p)
+    saving = kernel_of("bottleneck_forward_saving", backend_for("bottleneck_forward",
+                                                                x.device.type))
+    if saving is not None:
+        y, pre = saving(*args)
+    else:   # this backend has no saving kernel: its y, the pre-activations in torch
+        y = kernel_for("bottleneck_forward", x.device.type)(*args)
+        pre = _pre_activations(x, down_weight, down_bias, shared_weight, shared_bias, activation)
+    return y.contiguous(), pre.contiguous()
+
+
+def _pre_shape(x: Tensor, down_weight: Tensor, shared_weight: Optional[Tensor]):
+    width = down_weight.shape[0] * (1 if shared_weight is None else 2)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (x.shape[0], width), dtype
+
+
+@bottleneck_forward_saving.register_fake
+def _(x, residual, down_weight, down_bias, shared_weight, shared_bias, up_weight, up_bias, scale,
+      scale_value, row_scale, seed, activation, dropout_p, grad_scale_invariant):
+    dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    shape, pre_dtype = _pre_shape(x, down_weight, shared_weight)
+    return x.new_empty(x.shape, dtype=dtype), x.new_empty(shape, dtype=pre_dtype)
+
+
+def _setup_saving(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])
+    _setup_context(ctx, inputs, output[0], saved_pre=output[1])
+
+
+def _backward_saving(ctx, grad_y, grad_pre):
+    return _backward(ctx, grad_y)
+
+
+register_autograd(bottleneck_forward_saving, _backward_saving, _setup_saving)
+
+
+def _pre_activations(x, down_weight, down_bias, shared_weight, shared_bias, activation):
+    """The saved pre-activations computed in torch (for backends without a saving kernel)."""
+    _, dtype = _pre_shape(x, down_weight, shared_weight)
+    cast = [None if t is None else t.to(dtype) for t in
+            (x, down_weight, down_bias, shared_weight, shared_bias)]
+    pre1 = torch.nn.functional.linear(cast[0], cast[1], cast[2])
+    if shared_weight is None:
+        return pre1
+    pre2 = torch.nn.functional.linear(reference.activation(pre1, activation), cast[3], cast[4])
+    return torch.cat([pre1, pre2], dim=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,9 +178,20 @@ def _reference_forward(x, residual, down_weight, down_bias, shared_weight, share
         dropout_p=dropout_p, seed=seed, row_scale=row_scale)
 
 
+def _reference_forward_saving(x, residual, down_weight, down_bias, shared_weight, shared_bias,
+                              up_weight, up_bias, scale, scale_value, row_scale, seed,
+                              activation, dropout_p):
+    y = _reference_forward(x, residual, down_weight, down_bias, shared_weight, shared_bias,
+                           up_weight, up_bias, scale, scale_value, row_scale, seed, activation,
+                           dropout_p)
+    return y, _pre_activations(x, down_weight, down_bias, shared_weight, shared_bias, activation)
+
+
 def _reference_backward(grad_y, x, has_residual, down_weight, down_bias, shared_weight,
                         shared_bias, up_weight, up_bias, scale, scale_value, row_scale, seed,
-                        activation, dropout_p, grad_scale_invariant, needs):
+                        activation, dropout_p, grad_scale_invariant, needs, saved_pre=None):
+    """saved_pre (the saving forward's pre-activations) is not used: the reference recomputes
+    everything from x, the ground truth."""
     grads = reference.bottleneck_backward(
         grad_y.to(x.dtype), x, down_weight, down_bias, up_weight, up_bias, shared_weight,
         shared_bias, has_residual=has_residual, scale=effective_scale(scale, scale_value, x),
@@ -125,6 +202,7 @@ def _reference_backward(grad_y, x, has_residual, down_weight, down_bias, shared_
 
 
 register("bottleneck_forward", "reference", _reference_forward)
+register("bottleneck_forward_saving", "reference", _reference_forward_saving)
 register("bottleneck_backward", "reference", _reference_backward)
 
 
@@ -176,9 +254,21 @@ def bottleneck(x: Tensor, down_weight: Tensor, down_bias: Optional[Tensor], up_w
     check.choice("activation", activation, reference.ACTIVATIONS)
     dropout_p = check.probability("dropout", dropout_p)
     seed = seed_tensor(seed, dropout_p, x)
-    return bottleneck_forward(x, residual, down_weight, down_bias, shared_weight, shared_bias,
-                              up_weight, up_bias, scale_t, scale_value, row_scale, seed, activation,
-                              dropout_p, bool(grad_scale_invariant))
+    args = (x, residual, down_weight, down_bias, shared_weight, shared_bias, up_weight, up_bias,
+            scale_t, scale_value, row_scale, seed, activation, dropout_p,
+            bool(grad_scale_invariant))
+    if _saves_pre_activations(x, args):
+        return bottleneck_forward_saving(*args)[0]
+    return bottleneck_forward(*args)
+
+
+def _saves_pre_activations(x: Tensor, args) -> bool:
+    """Eager training on the cpu backend: the forward keeps the pre-activations (M x r, or
+    2r) so the backward skips the product over d that recomputes them. Not under torch.compile
+    (its graph holds the plain op) and not when no gradient will be taken."""
+    return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args)
+            and backend_for("bottleneck_forward", x.device.type) == "cpu")
 
 
 # triton backend (kernels/bottleneck.py), when triton imports
@@ -215,9 +305,22 @@ def _cpu_forward(x, residual, down_weight, down_bias, shared_weight, shared_bias
         _scale_float(scale, scale_value, x), row_scale, seed, activation, float(dropout_p))
 
 
+def _cpu_forward_saving(x, residual, down_weight, down_bias, shared_weight, shared_bias,
+                        up_weight, up_bias, scale, scale_value, row_scale, seed, activation,
+                        dropout_p):
+    if not _cpu_covers(x, residual):
+        return _reference_forward_saving(x, residual, down_weight, down_bias, shared_weight,
+                                         shared_bias, up_weight, up_bias, scale, scale_value,
+                                         row_scale, seed, activation, dropout_p)
+    y, pre = _native.ops().bottleneck_forward_saving(
+        x, residual, down_weight, down_bias, shared_weight, shared_bias, up_weight, up_bias,
+        _scale_float(scale, scale_value, x), row_scale, seed, activation, float(dropout_p))
+    return y, pre
+
+
 def _cpu_backward(grad_y, x, has_residual, down_weight, down_bias, shared_weight, shared_bias,
                   up_weight, up_bias, scale, scale_value, row_scale, seed, activation, dropout_p,
-                  grad_scale_invariant, needs):
+                  grad_scale_invariant, needs, saved_pre=None):
     # grad_y has the output's dtype: another one than x's means a mixed-dtype residual, which
     # the forward also left to the reference
     if not _cpu_covers(x, None) or grad_y.dtype != x.dtype:
@@ -228,11 +331,12 @@ def _cpu_backward(grad_y, x, has_residual, down_weight, down_bias, shared_weight
         grad_y, x, has_residual, down_weight, down_bias, shared_weight, shared_bias, up_weight,
         up_bias, _scale_float(scale, scale_value, x), row_scale, seed, activation,
         float(dropout_p), bool(grad_scale_invariant), bool(needs[0]),
-        scale is not None and bool(needs[7]))
+        scale is not None and bool(needs[7]), None, saved_pre)
     inputs = [x, down_weight, down_bias, shared_weight, shared_bias, up_weight, up_bias, scale]
     return _grads.pack(grads, inputs, needs, x)
 
 
 if _native.available:
     register("bottleneck_forward", "cpu", _cpu_forward)
+    register("bottleneck_forward_saving", "cpu", _cpu_forward_saving)
     register("bottleneck_backward", "cpu", _cpu_backward)
