@@ -30,6 +30,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -431,7 +432,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const at::Tensor& x,
   const int64_t nchunks = std::max<int64_t>(1, (M + chunk_rows - 1) / chunk_rows);
   // Partial layout per chunk (padded columns): dWd (r,dp) | dWs (r,rp) | dWu (d,rp)
   const int64_t o_wd = 0, o_ws = o_wd + r * dp, o_wu = o_ws + r * rp, psize = o_wu + d * rp;
-  std::vector<C> partial(size_t(nchunks * psize), C(0));
+  // Uninitialised here: each chunk zeroes its own partial on the thread that fills it (in
+  // that core's cache, in parallel), not one serial pass over all of them.
+  std::unique_ptr<C[]> partial(new C[size_t(nchunks * psize)]);
   // Bias gradients are plain sums over rows (short, cancelling for small r): accumulated in
   // double, in their own partials: db_d (r) | db_s (r) | db_u (d) | dscale (set at the end).
   const int64_t b_bd = 0, b_bs = r, b_bu = 2 * r, b_sc = 2 * r + d, bsize = b_sc + 1;
@@ -453,7 +456,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const at::Tensor& x,
     Scratch<C> s(P, true);
     std::vector<C> colsum(static_cast<size_t>(dp), C(0));
     for (int64_t c = c0; c < c1; ++c) {
-      C* part = partial.data() + c * psize;
+      C* part = partial.get() + c * psize;
+      std::fill(part, part + psize, C(0));
       double* bpart = bpartial.data() + c * bsize;
       C* pwd = part + o_wd; C* pws = part + o_ws; C* pwu = part + o_wu;
       double* pbd = bpart + b_bd; double* pbs = bpart + b_bs; double* pbu = bpart + b_bu;
@@ -560,7 +564,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const at::Tensor& x,
   const auto copts = opts.dtype(c10::CppTypeToScalarType<C>::value);
   at::Tensor total = at::empty({psize}, copts);
   C* tp = total.data_ptr<C>();
-  const C* pp = partial.data();
+  const C* pp = partial.get();
   at::parallel_for(0, psize, 4096, [&](int64_t e0, int64_t e1) {
     for (int64_t e = e0; e < e1; ++e) tp[e] = C(0);
     for (int64_t c = 0; c < nchunks; ++c) {
