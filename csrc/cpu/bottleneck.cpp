@@ -407,6 +407,9 @@ void forward_impl(const at::Tensor& x, const at::Tensor& res, const at::Tensor& 
         V y0 = ((lo + b0) * scale) * f + r0;
         V y1 = ((hi + b1) * scale) * f + r1;
         store_tile<S, C>(y0, y1, yp + row * d + j, n, stream);
+        // one line of the next block's x per tile: the down product reads 48 rows at once,
+        // too many streams for the hardware prefetcher, so the lines arrive ahead of it
+        if (row + kRowBlock < P.M) __builtin_prefetch(xp + (row + kRowBlock) * d + j, 0, 3);
       });
     }
     if (stream) stream_fence();
@@ -553,6 +556,10 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const at::Tensor& x,
               hi = g1 + hi;
             }
             store_tile<S, C>(lo, hi, dxp + row * d + j, n, stream);
+            if (row + kRowBlock < M) {   // the next block's x and grad_y (see the forward)
+              __builtin_prefetch(xp + (row + kRowBlock) * d + j, 0, 3);
+              __builtin_prefetch(gyp + (row + kRowBlock) * d + j, 0, 3);
+            }
           });
         }
       }
