@@ -47,8 +47,12 @@ namespace {
 using namespace pyadapt::cpu;
 
 constexpr int64_t kRowBlock = 48;       // rows per cache block (a multiple of kMicroRows)
-constexpr int64_t kMinChunkRows = 192;  // rows per deterministic reduction chunk (at least)
-constexpr int64_t kMaxChunks = 64;      // bound on partial buffers
+// Deterministic reduction chunks (rows per chunk depend on M only): at most kMaxChunks partial
+// buffers; kMinChunkRows rows or more each, unless that leaves fewer than kMinChunks chunks
+// (small batches: a chunk is the unit of parallel work, so one chunk would run on one thread).
+constexpr int64_t kMinChunkRows = 192;
+constexpr int64_t kMaxChunks = 64;
+constexpr int64_t kMinChunks = 8;
 
 // PYADAPT_POISON_OUTPUTS=1 (tests): outputs and scratch start as NaN instead of uninitialised or
 // zero memory, so an element the kernel leaves unwritten, or a scratch value it reads before
@@ -227,21 +231,35 @@ std::vector<C> pack(const at::Tensor& w, bool transpose, int64_t ld) {
   const int64_t R = w.size(0), K = w.size(1);
   const S* p = w.data_ptr<S>();
   const int64_t rows = transpose ? K : R, cols = transpose ? R : K;
-  std::vector<C> out(size_t(rows * ld), C(0));
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j)
-      out[i * ld + j] = static_cast<C>(transpose ? p[j * K + i] : p[i * K + j]);
+  std::vector<C> out(size_t(rows * ld));
+  // in parallel (small batches spend a visible share of the call here), transposes by 16 x 16
+  // tiles so both sides are read and written a cache line at a time
+  constexpr int64_t T = 16;
+  at::parallel_for(0, (rows + T - 1) / T, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t i0 = t0 * T; i0 < std::min(rows, t1 * T); i0 += T) {
+      const int64_t i1 = std::min(rows, i0 + T);
+      for (int64_t j0 = 0; j0 < cols; j0 += T)
+        for (int64_t i = i0; i < i1; ++i)
+          for (int64_t j = j0; j < std::min(cols, j0 + T); ++j)
+            out[i * ld + j] = static_cast<C>(transpose ? p[j * K + i] : p[i * K + j]);
+      for (int64_t i = i0; i < i1; ++i) std::fill(out.begin() + i * ld + cols, out.begin() + (i + 1) * ld, C(0));
+    }
+  });
   return out;
 }
 
 template <typename S, typename C>
 Packed<C> pack_all(const Params& P, const at::Tensor& wd, const at::Tensor& bd,
                    const at::Tensor& ws, const at::Tensor& bs, const at::Tensor& wu,
-                   const at::Tensor& bu, const at::Tensor& rs, bool backward) {
+                   const at::Tensor& bu, const at::Tensor& rs, bool backward,
+                   bool have_pre = false) {
   Packed<C> k;
-  k.wdT = pack<S, C>(wd, true, P.rp);
+  // the products that form pre1 / pre2: not needed by a backward given the saved ones
+  if (!have_pre) {
+    k.wdT = pack<S, C>(wd, true, P.rp);
+    if (P.shared) k.wsT = pack<S, C>(ws, true, P.rp);
+  }
   if (!backward) k.wuT = pack<S, C>(wu, true, P.dp);  // the backward never forms u = hin W_u^T
-  if (P.shared) k.wsT = pack<S, C>(ws, true, P.rp);
   if (backward) {
     k.wu = pack<S, C>(wu, false, P.rp);
     k.wd = pack<S, C>(wd, false, P.dp);
@@ -430,7 +448,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const at::Tensor& x,
   at::Tensor dx = need_dx ? at::empty({M, d}, opts) : at::empty({0}, opts);
   if (need_dx && poison_outputs()) dx.fill_(std::numeric_limits<double>::quiet_NaN());
   // Reduction chunks: a fixed row count that depends on M only.
-  int64_t chunk_rows = std::max(kMinChunkRows, (M + kMaxChunks - 1) / kMaxChunks);
+  int64_t chunk_rows = std::max({int64_t(1), (M + kMaxChunks - 1) / kMaxChunks,
+                                 std::min(kMinChunkRows, (M + kMinChunks - 1) / kMinChunks)});
   chunk_rows = round_up(chunk_rows, kRowBlock);
   const int64_t nchunks = std::max<int64_t>(1, (M + chunk_rows - 1) / chunk_rows);
   // Partial layout per chunk (padded columns): dWd (r,dp) | dWs (r,rp) | dWu (d,rp)
@@ -443,7 +462,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const at::Tensor& x,
   const int64_t b_bd = 0, b_bs = r, b_bu = 2 * r, b_sc = 2 * r + d, bsize = b_sc + 1;
   std::vector<double> bpartial(size_t(nchunks * bsize), 0.0);
 
-  const Packed<C> W = pack_all<S, C>(P, wd, bd, ws, bs, wu, bu, rs, true);
+  const Packed<C> W = pack_all<S, C>(P, wd, bd, ws, bs, wu, bu, rs, true, saved.defined());
   const S* xp = x.data_ptr<S>();
   const S* gyp = gy.data_ptr<S>();
   S* dxp = need_dx ? dx.data_ptr<S>() : nullptr;
