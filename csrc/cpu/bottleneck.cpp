@@ -452,8 +452,10 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const at::Tensor& x,
                                  std::min(kMinChunkRows, (M + kMinChunks - 1) / kMinChunks)});
   chunk_rows = round_up(chunk_rows, kRowBlock);
   const int64_t nchunks = std::max<int64_t>(1, (M + chunk_rows - 1) / chunk_rows);
-  // Partial layout per chunk (padded columns): dWd (r,dp) | dWs (r,rp) | dWu (d,rp)
-  const int64_t o_wd = 0, o_ws = o_wd + r * dp, o_wu = o_ws + r * rp, psize = o_wu + d * rp;
+  // Partial layout per chunk (padded columns): dWd^T (d,rp) | dWs (r,rp) | dWu (d,rp). dW_d is
+  // accumulated transposed: as x^T dpre1 its product has d rows (whole 6-row register tiles)
+  // where dpre1^T x would have r (r = 32: five tiles and a 2-row remainder).
+  const int64_t o_wd = 0, o_ws = o_wd + d * rp, o_wu = o_ws + r * rp, psize = o_wu + d * rp;
   // Uninitialised here: each chunk zeroes its own partial on the thread that fills it (in
   // that core's cache, in parallel), not one serial pass over all of them.
   std::unique_ptr<C[]> partial(new C[size_t(nchunks * psize)]);
@@ -559,10 +561,10 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const at::Tensor& x,
           }
         }
         // Weight gradients of the block: dW_u / scale += gr^T hin, dW_s += dpre2^T h1,
-        // dW_d += dpre1^T x
+        // dW_d^T += x^T dpre1
         gemm_acc<C>(d, rp, rows, gr, 1, ldg, s.hin, rp, pwu, rp);
         if (P.shared) gemm_acc<C>(r, rp, rows, s.dh, 1, rp, s.h1, rp, pws, rp);
-        gemm_acc<C>(r, dp, rows, s.dh1, 1, rp, xb, ldx, pwd, dp);
+        gemm_acc<C>(d, rp, rows, xb, 1, ldx, s.dh1, rp, pwd, rp);
         // dx = dpre1 W_d (+ g when the residual is x itself)
         if (dxp) {
           gemm_epi<C>(rows, dp, r, s.dh1, rp, 1, W.wd.data(), dp,
@@ -632,7 +634,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const at::Tensor& x,
   };
   at::Tensor empty = at::empty({0}, opts);
   return {dx,
-          mat(o_wd, r, dp, d),
+          at::empty({r, d}, opts).copy_(
+              total.narrow(0, o_wd, d * rp).view({d, rp}).narrow(1, 0, r).t()),
           bd.defined() ? vecv(b_bd, r) : empty,
           P.shared ? mat(o_ws, r, rp, r) : empty,
           bs.defined() ? vecv(b_bs, r) : empty,
