@@ -1,14 +1,16 @@
 // CPU kernel of the grouped fold (pyadapt/ops/fold.py): W'_i = W_i + s_i L_i R_i for many
 // weights of different shapes in one parallel region. Each weight is copied once into its
 // accumulation dtype (float32, float64 for float64 weights), every weight is cut into the fixed
-// output tiles of tiled_gemm, and the tiles of all weights form one task list run by
-// at::parallel_for: small and large weights share the threads instead of running one after the
-// other. A tile is one single-threaded BLAS call over the full inner size, so the result does
+// output tiles of tiled_gemm, and the tiles of all weights form one task list that the threads
+// work through (heaviest first, each taking the next tile): small and large weights share the
+// threads instead of running one after the other. A tile is one single-threaded BLAS call over the full inner size, so the result does
 // not depend on the thread count; the accumulator is rounded once to the weight's dtype.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "linear_common.h"
@@ -51,9 +53,19 @@ std::vector<at::Tensor> fold_weights_cpu(at::TensorList weights, at::TensorList 
         tiles.push_back({w, i0, j0, std::min(ts.rows, W.size(0) - i0),
                          std::min(ts.cols, W.size(1) - j0)});
   }
-  at::parallel_for(0, int64_t(tiles.size()), 1, [&](int64_t t0, int64_t t1) {
+  // Tiles of different weights cost very different amounts (a bias column against a 768 x 3072
+  // block): a static split of the list can hand one thread all the heavy ones. Workers take the
+  // next tile from a shared counter instead, heaviest first. Which thread runs a tile does not
+  // change its result (one single-threaded BLAS call), so the fold stays deterministic.
+  auto cost = [&](const Tile& t) { return t.bm * t.bn * L[t.w].size(1); };
+  std::stable_sort(tiles.begin(), tiles.end(),
+                   [&](const Tile& a, const Tile& b) { return cost(a) > cost(b); });
+  std::atomic<int64_t> next{0};
+  const int64_t ntiles = int64_t(tiles.size());
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntiles));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     at::NoGradGuard no_grad;  // grad mode is thread-local: not inherited by worker threads
-    for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t t = next++; t < ntiles; t = next++) {
       const Tile& tl = tiles[t];
       at::Tensor o = acc[tl.w].narrow(0, tl.i0, tl.bm).narrow(1, tl.j0, tl.bn);
       at::addmm_out(o, o, L[tl.w].narrow(0, tl.i0, tl.bm), R[tl.w].narrow(1, tl.j0, tl.bn), 1.0,
