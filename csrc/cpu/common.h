@@ -249,13 +249,14 @@ inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 constexpr int kMicroRows = 6;
 constexpr int64_t kGemmChunk = 64;
 
+// The register tile's sums: lo/hi[q] = sum_k A(q, k) B[k * ldb + (0..2L)], k in order.
 template <typename T, int MR>
-inline void gemm_micro(int64_t K, const T* __restrict__ A, int64_t a_rs, int64_t a_cs,
-                       const T* __restrict__ B, int64_t ldb, T* __restrict__ out, int64_t ldo) {
+__attribute__((always_inline)) inline void micro_sums(
+    int64_t K, const T* __restrict__ A, int64_t a_rs, int64_t a_cs, const T* __restrict__ B,
+    int64_t ldb, typename Vec32<T>::type (&lo)[MR], typename Vec32<T>::type (&hi)[MR]) {
   using V = typename Vec32<T>::type;
   using U = typename Vec32<T>::unaligned;
   constexpr int64_t L = vec_len<T>();
-  V lo[MR], hi[MR];
 #pragma GCC unroll 8
   for (int q = 0; q < MR; ++q) {
     lo[q] = V{};
@@ -273,6 +274,16 @@ inline void gemm_micro(int64_t K, const T* __restrict__ A, int64_t a_rs, int64_t
       hi[q] += b1 * s;
     }
   }
+}
+
+template <typename T, int MR>
+inline void gemm_micro(int64_t K, const T* __restrict__ A, int64_t a_rs, int64_t a_cs,
+                       const T* __restrict__ B, int64_t ldb, T* __restrict__ out, int64_t ldo) {
+  using V = typename Vec32<T>::type;
+  using U = typename Vec32<T>::unaligned;
+  constexpr int64_t L = vec_len<T>();
+  V lo[MR], hi[MR];
+  micro_sums<T, MR>(K, A, a_rs, a_cs, B, ldb, lo, hi);
 #pragma GCC unroll 8
   for (int q = 0; q < MR; ++q) {
     U* o = reinterpret_cast<U*>(out + q * ldo);
@@ -319,27 +330,8 @@ template <typename T, int MR, typename Epi>
 inline void gemm_micro_epi(int64_t K, const T* __restrict__ A, int64_t a_rs, int64_t a_cs,
                            const T* __restrict__ B, int64_t ldb, int64_t i0, int64_t j0,
                            Epi& epi) {
-  using V = typename Vec32<T>::type;
-  using U = typename Vec32<T>::unaligned;
-  constexpr int64_t L = vec_len<T>();
-  V lo[MR], hi[MR];
-#pragma GCC unroll 8
-  for (int q = 0; q < MR; ++q) {
-    lo[q] = V{};
-    hi[q] = V{};
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    const T* b = B + k * ldb;
-    const V b0 = *reinterpret_cast<const U*>(b);
-    const V b1 = *reinterpret_cast<const U*>(b + L);
-    const T* a = A + k * a_cs;
-#pragma GCC unroll 8
-    for (int q = 0; q < MR; ++q) {
-      const T s = a[q * a_rs];
-      lo[q] += b0 * s;
-      hi[q] += b1 * s;
-    }
-  }
+  typename Vec32<T>::type lo[MR], hi[MR];
+  micro_sums<T, MR>(K, A, a_rs, a_cs, B, ldb, lo, hi);
   for (int q = 0; q < MR; ++q) epi(i0 + q, j0, lo[q], hi[q]);
 }
 
