@@ -33,6 +33,18 @@ _ADAPTER_KEYS = ("down.weight", "down.bias", "shared.weight", "shared.bias", "up
                  "up.bias")
 
 
+def _common_value(name: str, values: Sequence, what: str = "adapters") -> object:
+    """The one value of a training knob (dropout probability, ...) the adapters share: a bank
+    applies one to all its slots, so differing values are refused rather than averaged."""
+    values = list(values)
+    for i, v in enumerate(values):
+        if v != values[0]:
+            raise ValueError(f"{what}[{i}]: expected {name} {values[0]} (as {what}[0]), got {v}; "
+                             f"a bank applies one {name} to every adapter (set it alike, e.g. "
+                             f"0.0 for inference)")
+    return values[0]
+
+
 class AdapterBank(AdapterModule):
     """N bottleneck adapters stored as stacked tensors, applied per sample or per row:
 
@@ -59,8 +71,8 @@ class AdapterBank(AdapterModule):
     Dropout: in training with dropout > 0 each call draws a fresh seed (as FusedAdapter does)
     and drops the r-wide input of `up` with the mask of pyadapt.ops.bank: element (m, k) of the
     flattened batch row m, so a batch whose rows all name adapter a gets exactly the mask
-    FusedAdapter a would draw from the same seed; eval applies none. from_adapters keeps the
-    largest p of its adapters. Not supported: row_scale."""
+    FusedAdapter a would draw from the same seed; eval applies none. from_adapters takes the
+    adapters' common p (differing values are refused). Not supported: row_scale."""
 
     kind = "bottleneck"
 
@@ -188,7 +200,8 @@ class AdapterBank(AdapterModule):
                    bias=want["bias"], scale=scales, shared=want["shared"],
                    shared_bias=want["shared bias"], learn_scale=learn,
                    grad_scale_invariant=first.grad_scale_invariant,
-                   dropout=max(a.dropout for a in adapters), validate=validate,
+                   dropout=_common_value("dropout", [a.dropout for a in adapters]),
+                   validate=validate,
                    device=want["device"], dtype=want["dtype"])
         with torch.no_grad():
             for i, a in enumerate(adapters):
@@ -438,11 +451,7 @@ class LowRankAdapterBank(_FrozenLinearBank):
         adapters = list(adapters)
         cls._check_sources(adapters, LowRankAdapter)
         first = adapters[0]
-        for i, a in enumerate(adapters):
-            if a.dropout != first.dropout:
-                raise ValueError(f"adapters[{i}]: expected dropout {first.dropout} (as "
-                                 f"adapters[0]), got {a.dropout}; the bank applies one "
-                                 f"probability (set dropout alike, e.g. 0.0 for inference)")
+        _common_value("dropout", [a.dropout for a in adapters])
         bank = cls(first.base, len(adapters), first.rank, [a.alpha for a in adapters],
                    dropout=first.dropout, dropout_position=dropout_position,
                    validate=validate)
@@ -605,14 +614,11 @@ class RAdapterBank(_FrozenLinearBank):
                                  f"and low-rank R-Adapters cannot be mixed")
         cls._check_sources(adapters, RAdapter)
         learn = isinstance(first.scale, torch.Tensor)
+        _common_value("drop_prob", [a.drop_prob for a in adapters])
         for i, a in enumerate(adapters):
             if isinstance(a.scale, torch.Tensor) != learn:
                 raise ValueError(f"adapters[{i}]: expected a {'learnable' if learn else 'fixed'} "
                                  f"scale (as adapters[0])")
-            if a.drop_prob != first.drop_prob:
-                raise ValueError(f"adapters[{i}]: expected drop_prob {first.drop_prob} (as "
-                                 f"adapters[0]), got {a.drop_prob}; the bank drops with one "
-                                 f"probability (set drop_prob alike, e.g. 0.0 for inference)")
             if first.drop_prob > 0.0 and ((a.drop_granularity, a.batch_first)
                                           != (first.drop_granularity, first.batch_first)):
                 raise ValueError(f"adapters[{i}]: expected drop_granularity "
@@ -864,9 +870,8 @@ class CPAdapterBank(_FrozenLinearBank):
                       validate: bool = True) -> "CPAdapterBank":
         """A bank holding copies of CP/Tucker sites of the same base (one module, or identical
         weights and bias): each item a CPLinear (a site `cp[i]` of a task's CPAdapter) or a
-        CPAdapter with exactly one site. All need the same rank, core kind, width and
-        dropout_position; the bank keeps the first site's base module and the largest
-        dropout."""
+        CPAdapter with exactly one site. All need the same rank, core kind, width,
+        dropout_position and dropout; the bank keeps the first site's base module."""
         adapters = list(adapters)
         if not adapters:
             raise ValueError("adapters: expected at least one adapter")
@@ -894,7 +899,7 @@ class CPAdapterBank(_FrozenLinearBank):
                                      f"got {got[key]}")
         cls._check_sources(sites, CPLinear)
         bank = cls(first.base, len(sites), first.rank, first.core_kind, width=width,
-                   dropout=max(s.dropout for s in sites),
+                   dropout=_common_value("dropout", [s.dropout for s in sites]),
                    dropout_position=first.dropout_position, validate=validate)
         with torch.no_grad():
             for i, s in enumerate(sites):

@@ -393,9 +393,11 @@ def test_bank_trains_several_tasks():
 def test_bank_dropout_and_autocast():
     adapters = trained_adapters(2)
     adapters[0].dropout = 0.1
+    with pytest.raises(ValueError, match=r"adapters\[1\]: expected dropout 0.1"):
+        AdapterBank.from_adapters(adapters)   # one p per bank: differing ones are refused
+    adapters[1].dropout = 0.1
     bank = AdapterBank.from_adapters(adapters)
-    # the largest p is kept and applied in training (checked in test_bank_dropout.py)
-    assert bank.dropout == 0.1
+    assert bank.dropout == 0.1                # applied in training (test_bank_dropout.py)
     bank.eval()
     x = torch.randn(4, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
