@@ -321,8 +321,10 @@ def forward(x: Tensor, base_weight: Tensor, base_bias: Optional[Tensor],
 def backward(grad_y: Tensor, x: Tensor, base_weight: Tensor, base_bias: Optional[Tensor],
              full_weight: Optional[Tensor], down_weight: Optional[Tensor],
              up_weight: Optional[Tensor], scale: Optional[Tensor], scale_value: float,
-             row_scale: Optional[Tensor], needs: List[bool]) -> List[Tensor]:
-    """[dx, dW_o, db_o, dW_f, dW_d, dW_u, dscale] packed by pyadapt.ops._grads.pack."""
+             row_scale: Optional[Tensor], needs: List[bool], saved_z: Optional[Tensor] = None,
+             saved_q: Optional[Tensor] = None) -> List[Tensor]:
+    """[dx, dW_o, db_o, dW_f, dW_d, dW_u, dscale] packed by pyadapt.ops._grads.pack. saved_z /
+    saved_q (the cpu backend's saving forward) are not used: the kernels recompute."""
     from pyadapt.ops import _grads
 
     inputs = [x, base_weight, base_bias, full_weight, down_weight, up_weight, scale]

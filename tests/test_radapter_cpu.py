@@ -234,3 +234,90 @@ def test_opcheck_cpu_backend(rank, row_scale, learn):
         bwd = [ins["grad_y"].float()] + [a.detach() if isinstance(a, torch.Tensor) else a
                                          for a in args]
         torch.library.opcheck(torch.ops.pyadapt.radapter_backward.default, bwd + [needs])
+
+
+# ----------------------------------------------------------------------------------------------
+# The saving forward (full rank): eager training on the cpu backend keeps z and q, and the
+# backward neither recomputes z nor forms g^T z in float64
+# ----------------------------------------------------------------------------------------------
+
+def _spy(monkeypatch):
+    calls = {"plain": 0, "saving": 0}
+    for name, key in (("radapter_forward", "plain"), ("radapter_forward_saving", "saving")):
+        fn = getattr(radapter_mod, name)
+
+        def run(*a, _fn=fn, _key=key):
+            calls[_key] += 1
+            return _fn(*a)
+        monkeypatch.setattr(radapter_mod, name, run)
+    return calls
+
+
+@pytest.mark.parametrize("rank", [None, 5])
+@pytest.mark.parametrize("row_scale", [None, "drop"])
+def test_training_takes_the_saving_forward_for_the_full_form(monkeypatch, rank, row_scale):
+    ins = _inputs(90, 40, 36, rank, row_scale=row_scale)
+    calls = _spy(monkeypatch)
+    got = _compare(ins)   # one cpu run, then two reference runs (plain: not the cpu backend)
+    want = {"plain": 2, "saving": 1} if rank is None else {"plain": 3, "saving": 0}
+    assert calls == want, f"training forwards: {calls}"
+    # the same maths through the plain op (its backward recomputes z): the same numbers
+    monkeypatch.undo()
+    monkeypatch.setattr(radapter_mod, "_trains_on_cpu_backend", lambda x, args: False)
+    plain = _run(ins, torch.float32, "cpu")
+    for k in got:
+        assert_close_rel(got[k].double(), plain[k].double(), torch.float32, f"{k}: saved path")
+
+
+def test_saving_forward_answers_on_every_backend():
+    ins = _inputs(33, 24, 20, None)
+    f = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in ins.items()}
+    args = (f["x"], f["base_w"], f["base_b"], f["full"], None, None, None, 0.6, f["row_scale"])
+    z_ref = f["x"].double() @ f["base_w"].double().T + f["base_b"].double()
+    q_ref = z_ref @ f["full"].double().T
+    for backend in pyadapt.available_backends():
+        with pyadapt.use_backend(backend):
+            y, z, q = torch.ops.pyadapt.radapter_forward_saving(*args)
+            y_plain = torch.ops.pyadapt.radapter_forward(*args)
+        assert_close_rel(y.double(), y_plain.double(), torch.float32, f"{backend}: y")
+        assert_close_rel(z.double(), z_ref, torch.float32, f"{backend}: z")
+        assert_close_rel(q.double(), q_ref, torch.float32, f"{backend}: q")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_opcheck_saving_forward(backend):
+    ins = _inputs(12, 10, 8, None)
+    f = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in ins.items()}
+    full = f["full"].requires_grad_(True)
+    scale = f["scale"].requires_grad_(True)
+    args = (f["x"], f["base_w"], f["base_b"], full, None, None, scale, 1.0, f["row_scale"])
+    with pyadapt.use_backend(backend):
+        torch.library.opcheck(torch.ops.pyadapt.radapter_forward_saving.default, args)
+
+
+def test_backward_checks_the_saved_tensors():
+    ins = _inputs(10, 8, 6, None)
+    f = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in ins.items()}
+    with pytest.raises(RuntimeError, match="saved_z and saved_q"):
+        torch.ops.pyadapt_C.radapter_backward(
+            f["grad_y"], f["x"], f["base_w"], f["base_b"], f["full"], None, None, 0.6, None,
+            [True] * 7, torch.zeros(10, 5), torch.zeros(10, 6))
+
+
+def test_backward_reads_the_saved_tensors():
+    """The native backward uses the z and q it is given (so the saving path really skips the
+    recompute): true ones give the recompute's gradients, an altered q changes dscale and an
+    altered z changes dW_f."""
+    ins = _inputs(40, 16, 12, None, row_scale=None)
+    f = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in ins.items()}
+    fwd = (f["x"], f["base_w"], f["base_b"], f["full"], None, None, 0.6, None)
+    _, z, q = torch.ops.pyadapt_C.radapter_forward_saving(*fwd)
+    bwd = (f["grad_y"], f["x"], f["base_w"], f["base_b"], f["full"], None, None, 0.6, None,
+           [True] * 7)
+    recomputed = torch.ops.pyadapt_C.radapter_backward(*bwd)
+    saved = torch.ops.pyadapt_C.radapter_backward(*bwd, z, q)
+    for i, (a, b) in enumerate(zip(recomputed, saved)):
+        if a.numel():
+            assert_close_rel(b.double(), a.double(), torch.float32, f"gradient {i}")
+    assert not torch.equal(torch.ops.pyadapt_C.radapter_backward(*bwd, z, q + 1)[6], saved[6])
+    assert not torch.equal(torch.ops.pyadapt_C.radapter_backward(*bwd, z + 1, q)[3], saved[3])

@@ -105,12 +105,44 @@ at::Tensor radapter_forward_cpu(const at::Tensor& x_, const at::Tensor& Wo_,
   return z.add_(q);
 }
 
+// Training forward of the full-rank form: y, and z and q (compute dtype) for the backward,
+// which then needs neither to recompute z nor to form P = g^T z in double for dscale
+// (dscale = sum(row_scale g * q), summed in double). The unfolded forward costs what the folded
+// one does near M = d_in (two products of M d_out^2 against d_out^2 d_in + M d_out d_in) and
+// keeps what eager autograd keeps. The low-rank form returns y and empty tensors (its backward
+// never forms z).
+std::vector<at::Tensor> radapter_forward_saving_cpu(
+    const at::Tensor& x_, const at::Tensor& Wo_, const c10::optional<at::Tensor>& bo_,
+    const c10::optional<at::Tensor>& Wf_, const c10::optional<at::Tensor>& Wd_,
+    const c10::optional<at::Tensor>& Wu_, double c, const c10::optional<at::Tensor>& rs_) {
+  at::NoGradGuard no_grad;
+  Inputs in = prepare(x_, Wo_, bo_, Wf_, Wd_, Wu_, rs_);
+  at::Tensor empty = at::empty({0}, in.x.options());
+  if (!in.full) return {radapter_forward_cpu(x_, Wo_, bo_, Wf_, Wd_, Wu_, c, rs_), empty, empty};
+  if (in.M == 0) {
+    at::Tensor e = at::empty({0, in.d_out}, in.x.options());
+    return {e, e.clone(), e.clone()};
+  }
+  at::Tensor z = det_linear(in.x, in.Wo.t(), in.bo);
+  at::Tensor q = det_mm(z, in.Wf.t());
+  at::Tensor y;
+  if (in.rs.defined()) {
+    at::Tensor cq = q.clone();
+    scale_rows(cq, in.rs * c);
+    y = z.add(cq);
+  } else {
+    y = z.add(q, c);
+  }
+  return {y, z, q};
+}
+
 // [dx, dW_o, db_o, dW_f, dW_d, dW_u, dscale] in the compute dtype; empty where not needed.
 std::vector<at::Tensor> radapter_backward_cpu(
     const at::Tensor& gy_, const at::Tensor& x_, const at::Tensor& Wo_,
     const c10::optional<at::Tensor>& bo_, const c10::optional<at::Tensor>& Wf_,
     const c10::optional<at::Tensor>& Wd_, const c10::optional<at::Tensor>& Wu_, double c,
-    const c10::optional<at::Tensor>& rs_, c10::List<bool> needs) {
+    const c10::optional<at::Tensor>& rs_, c10::List<bool> needs,
+    const c10::optional<at::Tensor>& saved_z, const c10::optional<at::Tensor>& saved_q) {
   at::NoGradGuard no_grad;  // ATen calls on inputs that may require grad
   TORCH_CHECK(needs.size() == 7, "radapter_backward: needs must have 7 entries");
   Inputs in = prepare(x_, Wo_, bo_, Wf_, Wd_, Wu_, rs_);
@@ -129,14 +161,28 @@ std::vector<at::Tensor> radapter_backward_cpu(
 
   // dscale = <P, W> sums d_out^2 (d_out r) terms that cancel: P's rounding error, amplified by
   // the cancellation, would dominate in float32, so P (and t) are computed in double for it.
-  auto wide = [&](const at::Tensor& t) { return need_scale ? t.to(at::kDouble) : t; };
+  // With the saving forward's q, dscale = sum(g_row * q) is summed in double directly.
+  const bool have_saved = in.full && saved_z.has_value() && saved_z->defined() &&
+                          saved_q.has_value() && saved_q->defined();
+  if (have_saved)
+    TORCH_CHECK(saved_z->sizes() == g.sizes() && saved_q->sizes() == g.sizes() &&
+                    saved_z->scalar_type() == in.ct && saved_q->scalar_type() == in.ct,
+                "radapter_backward: saved_z and saved_q must be the saving forward's (M, d_out) ",
+                in.ct, " tensors");
+  auto wide = [&](const at::Tensor& t) {
+    return need_scale && !have_saved ? t.to(at::kDouble) : t;
+  };
   at::Tensor z;
-  if (in.full && (need_Wf || need_scale)) z = det_linear(in.x, in.Wo.t(), in.bo);
+  if (in.full && (need_Wf || need_scale))
+    z = have_saved ? saved_z->contiguous() : det_linear(in.x, in.Wo.t(), in.bo);
   at::Tensor dz;
   if (in.full) {
-    if (need_Wf || need_scale) {
+    if (have_saved && need_scale)
+      out[6] = at::scalar_tensor(dot_all(g_row, *saved_q), in.x.options());
+    if (need_Wf || (need_scale && !have_saved)) {
       at::Tensor P = det_mm(wide(g_row).t(), wide(z));  // (d_out x d_out)
-      if (need_scale) out[6] = at::scalar_tensor(dot_all(P, in.Wf), in.x.options());
+      if (need_scale && !have_saved)
+        out[6] = at::scalar_tensor(dot_all(P, in.Wf), in.x.options());
       if (need_Wf) out[3] = P.mul_(c).to(in.ct);
     }
     if (need_dz) {
@@ -181,12 +227,17 @@ TORCH_LIBRARY_FRAGMENT(pyadapt_C, m) {
         "Tensor? down_weight, Tensor? up_weight, float scale, Tensor? row_scale) -> Tensor");
   m.def("radapter_backward(Tensor grad_y, Tensor x, Tensor base_weight, Tensor? base_bias, "
         "Tensor? full_weight, Tensor? down_weight, Tensor? up_weight, float scale, "
-        "Tensor? row_scale, bool[] needs) -> Tensor[]");
+        "Tensor? row_scale, bool[] needs, Tensor? saved_z=None, Tensor? saved_q=None) "
+        "-> Tensor[]");
+  m.def("radapter_forward_saving(Tensor x, Tensor base_weight, Tensor? base_bias, "
+        "Tensor? full_weight, Tensor? down_weight, Tensor? up_weight, float scale, "
+        "Tensor? row_scale) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(pyadapt_C, CPU, m) {
   m.impl("radapter_forward", &radapter_forward_cpu);
   m.impl("radapter_backward", &radapter_backward_cpu);
+  m.impl("radapter_forward_saving", &radapter_forward_saving_cpu);
 }
 
 }  // namespace pyadapt

@@ -17,10 +17,11 @@ from .mpm_nce import mpm_nce
 from .radapter import radapter
 
 CUSTOM_OPS = ("bottleneck_forward", "bottleneck_forward_saving", "bottleneck_backward",
-              "radapter_forward", "radapter_backward", "lowrank_forward", "lowrank_backward", "fold_weights",
-              "mpm_nce_forward", "mpm_nce_backward", "bank_bottleneck_forward",
-              "bank_bottleneck_backward", "mma_pair_forward", "mma_pair_backward",
-              "bank_linear_forward", "bank_linear_backward")
+              "radapter_forward", "radapter_forward_saving", "radapter_backward",
+              "lowrank_forward", "lowrank_backward", "fold_weights", "mpm_nce_forward",
+              "mpm_nce_backward", "bank_bottleneck_forward", "bank_bottleneck_backward",
+              "mma_pair_forward", "mma_pair_backward", "bank_linear_forward",
+              "bank_linear_backward")
 
 __all__ = ["CUSTOM_OPS", "available_backends", "backend_for", "bank_bottleneck", "bank_linear",
            "bottleneck", "current_backend", "fold", "kernel_table", "lowrank_linear", "mma_pair",

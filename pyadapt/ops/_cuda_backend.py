@@ -96,7 +96,8 @@ def radapter_forward(x, base_weight, base_bias, full_weight, down_weight, up_wei
 
 
 def radapter_backward(grad_y, x, base_weight, base_bias, full_weight, down_weight, up_weight,
-                      scale, scale_value, row_scale, needs):
+                      scale, scale_value, row_scale, needs, saved_z=None, saved_q=None):
+    # saved_z / saved_q (the cpu backend's saving forward) are not used: the kernels recompute
     if not _covers(x):
         return _radapter._reference_backward(grad_y, x, base_weight, base_bias, full_weight,
                                              down_weight, up_weight, scale, scale_value,
