@@ -21,7 +21,7 @@ from torch import nn
 import pyadapt
 from pyadapt.bank import AdapterBank, CPAdapterBank
 
-from conftest import assert_close_rel
+from conftest import assert_close_rel, require_triton
 
 PARAMS = ("U", "V", "C", "lam")
 
@@ -304,7 +304,7 @@ def test_training_dropout_rule_and_training_step():
 
 @pytest.mark.parametrize("core,d_in,d_out,width", [("tucker", 12, 18, 6), ("cp", 21, 14, 7)])
 def test_triton_backend(core, d_in, d_out, width, poison_allocations):
-    pytest.importorskip("triton")
+    require_triton()
     from pyadapt.kernels import bank as K
     allocated = poison_allocations(K)
     gen = torch.Generator().manual_seed(11)

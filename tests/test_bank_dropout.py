@@ -32,7 +32,7 @@ from pyadapt import reference
 from pyadapt.bank import AdapterBank, CPAdapterBank
 from pyadapt.ops import bank as bank_ops
 
-from conftest import assert_close_rel, rel_err, require_native
+from conftest import assert_close_rel, rel_err, require_native, require_triton
 
 F64 = torch.float64
 NAMES = ("x", "down_weight", "down_bias", "shared_weight", "shared_bias", "up_weight", "up_bias",
@@ -44,7 +44,7 @@ def _ready(backend: str) -> None:
     if backend == "cpu":
         require_native()
     if backend == "triton":
-        pytest.importorskip("triton")
+        require_triton()
 
 
 def seed_of(value: int) -> torch.Tensor:

@@ -20,13 +20,13 @@ import torch
 
 import pyadapt
 
-from conftest import REL_TOL, rel_err, require_native
+from conftest import REL_TOL, rel_err, require_native, require_triton
 
 from test_bank import make_ids as _bank_ids
 
 ops = importlib.import_module("pyadapt.ops.bank_linear")  # the module, not the function
 
-triton = pytest.importorskip("triton")
+triton = require_triton()
 from pyadapt.kernels import bank_linear as K  # noqa: E402
 
 BACKENDS = ["reference", "cpu", "triton"]

@@ -23,7 +23,7 @@ import pyadapt
 from pyadapt import reference
 from pyadapt.bank import AdapterBank, LowRankAdapterBank, RAdapterBank
 
-from conftest import REL_TOL, assert_close_rel, rel_err, require_native
+from conftest import REL_TOL, assert_close_rel, rel_err, require_native, require_triton
 
 F64 = torch.float64
 
@@ -169,7 +169,7 @@ def test_dropped_rows_pass_through_and_scale_gradient_flows():
 def test_dropping_on_triton_matches_reference():
     """The full-rank bank end to end on the triton backend (interpreter on CPU), training with
     dropping: forward and gradients equal the reference backend's."""
-    pytest.importorskip("triton")
+    require_triton()
     base = nn.Linear(12, 20, dtype=F64)
     bank = RAdapterBank.from_adapters(radapters(base, 3, drop_prob=0.3)).train()
     x = torch.randn(4, 6, 12, dtype=F64)

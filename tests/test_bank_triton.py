@@ -17,7 +17,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
+from conftest import require_triton  # before the kernels: fails or skips first
+
+triton = require_triton()
 
 import pyadapt  # noqa: E402
 from pyadapt.bank import AdapterBank  # noqa: E402

@@ -25,7 +25,9 @@ import importlib
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
+from conftest import require_triton  # before the kernels: fails or skips first
+
+triton = require_triton()
 
 import pyadapt  # noqa: E402
 from pyadapt import reference  # noqa: E402

@@ -23,7 +23,9 @@ import pytest
 import torch
 from torch import nn
 
-triton = pytest.importorskip("triton")
+from conftest import require_triton  # before the kernels: fails or skips first
+
+triton = require_triton()
 
 import pyadapt  # noqa: E402
 from pyadapt import reference  # noqa: E402

@@ -19,9 +19,9 @@ import pyadapt
 from pyadapt import reference
 from pyadapt.ops import bank as bank_ops
 
-from conftest import REL_TOL, assert_close_rel, rel_err, require_native
+from conftest import REL_TOL, assert_close_rel, rel_err, require_native, require_triton
 
-triton = pytest.importorskip("triton")
+triton = require_triton()
 from pyadapt.kernels import mma_pair as K  # noqa: E402
 
 BACKENDS = ["reference", "cpu", "triton"]
