@@ -119,10 +119,10 @@ inline const C* row_in_compute(const S* row, C* buf, int64_t n) {
 // (zero past n), and back (only n values written, rounded once for low-precision storage).
 // Full tiles of compute-type storage move as vectors; the rest goes through a small buffer.
 template <typename S, typename C>
-inline void load_tile(const S* src, int64_t n, typename Vec32<C>::type& v0,
-                      typename Vec32<C>::type& v1) {
-  using V = typename Vec32<C>::type;
-  using U = typename Vec32<C>::unaligned;
+inline void load_tile(const S* src, int64_t n, typename Vec<C>::type& v0,
+                      typename Vec<C>::type& v1) {
+  using V = typename Vec<C>::type;
+  using U = typename Vec<C>::unaligned;
   constexpr int64_t L = vec_len<C>();
   if constexpr (std::is_same_v<S, C>) {
     if (n == 2 * L) {
@@ -140,10 +140,10 @@ inline void load_tile(const S* src, int64_t n, typename Vec32<C>::type& v0,
 // stream: write whole 64-byte lines past the caches (non-temporal stores), so a large output
 // costs no read-for-ownership of its lines and does not evict the inputs (see streams_output).
 template <typename S, typename C>
-inline void store_tile(typename Vec32<C>::type v0, typename Vec32<C>::type v1, S* dst,
+inline void store_tile(typename Vec<C>::type v0, typename Vec<C>::type v1, S* dst,
                        int64_t n, bool stream) {
-  using V = typename Vec32<C>::type;
-  using U = typename Vec32<C>::unaligned;
+  using V = typename Vec<C>::type;
+  using U = typename Vec<C>::unaligned;
   constexpr int64_t L = vec_len<C>();
   if constexpr (std::is_same_v<S, C>) {
     if (n == 2 * L) {
@@ -391,8 +391,8 @@ void forward_impl(const at::Tensor& x, const at::Tensor& res, const at::Tensor& 
   const bool has_rs = !W.rs.empty();
   const std::vector<C> zeros(size_t(dp), C(0));
   const C* const bias_u = W.bu.empty() ? zeros.data() : W.bu.data();
-  using V = typename Vec32<C>::type;
-  using U = typename Vec32<C>::unaligned;
+  using V = typename Vec<C>::type;
+  using U = typename Vec<C>::unaligned;
   constexpr int64_t NC = tile_cols<C>();
   const int64_t nblocks = (P.M + kRowBlock - 1) / kRowBlock;
   const bool stream = streams_output(P.M * d * int64_t(sizeof(S)));
@@ -469,7 +469,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const at::Tensor& x,
   const S* gyp = gy.data_ptr<S>();
   S* dxp = need_dx ? dx.data_ptr<S>() : nullptr;
   const C scale = C(P.scale);
-  using V = typename Vec32<C>::type;
+  using V = typename Vec<C>::type;
   constexpr int64_t NC = tile_cols<C>();
   const bool has_rs = !W.rs.empty();
   const bool direct_g = std::is_same_v<S, C> && d == dp && !has_rs;

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 namespace pyadapt {
 namespace cpu {
@@ -226,20 +227,25 @@ inline void rank_update(int64_t rows, int64_t J, const T* __restrict__ a, int64_
 // multiple of tile_cols<T>() and B/out must be readable/writable up to there: callers pad their
 // buffers (zero columns). A micro tile keeps kMicroRows x 2 vector accumulators in registers
 // (6 x 2 = 12 of the 16 AVX2 registers, the rest for the two B vectors and the broadcast A
-// value). k runs in chunks of kGemmChunk; each chunk's sum starts from zero and is added to out
+// value). 32-byte vectors even where AVX-512 is available: these products are an adapter's
+// rank wide (few columns, so many broadcasts of A per FMA), and measured on the AVX-512 CI
+// machine (AMD EPYC, 2 threads, M 4096, d 768, r 32) the 64-byte variants were slower: forward +
+// backward 9.6 ms (6 x 2 zmm) and 12.1 ms (12 x 2 zmm) against 8.5 ms. k runs in chunks of kGemmChunk; each chunk's sum starts from zero and is added to out
 // (a blocked sum: more accurate than one running sum over d, and L1-sized B slices). The order
 // of every sum depends on K only, never on m, the tiling of rows or the thread count.
 // GCC vector extensions, not intrinsics: the `acc += b * s` lines become FMAs through GCC's
 // default contraction in GNU mode (checked in the built .so: 12 ymm accumulators, no spills).
+constexpr int kVecBytes = 32;
+
 template <typename T>
-struct Vec32 {
+struct Vec {
   // register type (naturally aligned) and an alias for unaligned loads and stores
-  typedef T type __attribute__((vector_size(32)));
-  typedef T unaligned __attribute__((vector_size(32), aligned(alignof(T))));
+  typedef T type __attribute__((vector_size(kVecBytes)));
+  typedef T unaligned __attribute__((vector_size(kVecBytes), aligned(alignof(T))));
 };
 
 template <typename T>
-constexpr int64_t vec_len() { return int64_t(32 / sizeof(T)); }
+constexpr int64_t vec_len() { return int64_t(kVecBytes / sizeof(T)); }
 
 template <typename T>
 constexpr int64_t tile_cols() { return 2 * vec_len<T>(); }
@@ -253,9 +259,9 @@ constexpr int64_t kGemmChunk = 64;
 template <typename T, int MR>
 __attribute__((always_inline)) inline void micro_sums(
     int64_t K, const T* __restrict__ A, int64_t a_rs, int64_t a_cs, const T* __restrict__ B,
-    int64_t ldb, typename Vec32<T>::type (&lo)[MR], typename Vec32<T>::type (&hi)[MR]) {
-  using V = typename Vec32<T>::type;
-  using U = typename Vec32<T>::unaligned;
+    int64_t ldb, typename Vec<T>::type (&lo)[MR], typename Vec<T>::type (&hi)[MR]) {
+  using V = typename Vec<T>::type;
+  using U = typename Vec<T>::unaligned;
   constexpr int64_t L = vec_len<T>();
 #pragma GCC unroll 8
   for (int q = 0; q < MR; ++q) {
@@ -279,8 +285,8 @@ __attribute__((always_inline)) inline void micro_sums(
 template <typename T, int MR>
 inline void gemm_micro(int64_t K, const T* __restrict__ A, int64_t a_rs, int64_t a_cs,
                        const T* __restrict__ B, int64_t ldb, T* __restrict__ out, int64_t ldo) {
-  using V = typename Vec32<T>::type;
-  using U = typename Vec32<T>::unaligned;
+  using V = typename Vec<T>::type;
+  using U = typename Vec<T>::unaligned;
   constexpr int64_t L = vec_len<T>();
   V lo[MR], hi[MR];
   micro_sums<T, MR>(K, A, a_rs, a_cs, B, ldb, lo, hi);
@@ -290,6 +296,19 @@ inline void gemm_micro(int64_t K, const T* __restrict__ A, int64_t a_rs, int64_t
     U* o1 = reinterpret_cast<U*>(out + q * ldo + L);
     *o = *o + lo[q];
     *o1 = *o1 + hi[q];
+  }
+}
+
+// Calls f(std::integral_constant<int, rows>) for a run-time rows in 1..MAX: the remainder rows
+// of a block, each count its own fully unrolled micro tile.
+template <int MAX, typename F>
+inline void for_rows(int rows, F&& f) {
+  if constexpr (MAX >= 1) {
+    if (rows == MAX) {
+      f(std::integral_constant<int, MAX>{});
+      return;
+    }
+    for_rows<MAX - 1>(rows, f);
   }
 }
 
@@ -305,16 +324,11 @@ inline void gemm_acc(int64_t m, int64_t n, int64_t K, const T* A, int64_t a_rs, 
       for (; i0 + kMicroRows <= m; i0 += kMicroRows)
         gemm_micro<T, kMicroRows>(kk, A + i0 * a_rs + k0 * a_cs, a_rs, a_cs, b, ldb,
                                   out + i0 * ldo + j0, ldo);
-      const T* a = A + i0 * a_rs + k0 * a_cs;
-      T* o = out + i0 * ldo + j0;
-      switch (m - i0) {
-        case 5: gemm_micro<T, 5>(kk, a, a_rs, a_cs, b, ldb, o, ldo); break;
-        case 4: gemm_micro<T, 4>(kk, a, a_rs, a_cs, b, ldb, o, ldo); break;
-        case 3: gemm_micro<T, 3>(kk, a, a_rs, a_cs, b, ldb, o, ldo); break;
-        case 2: gemm_micro<T, 2>(kk, a, a_rs, a_cs, b, ldb, o, ldo); break;
-        case 1: gemm_micro<T, 1>(kk, a, a_rs, a_cs, b, ldb, o, ldo); break;
-        default: break;
-      }
+      if (i0 < m)
+        for_rows<kMicroRows - 1>(int(m - i0), [&](auto mr) {
+          gemm_micro<T, decltype(mr)::value>(kk, A + i0 * a_rs + k0 * a_cs, a_rs, a_cs, b, ldb,
+                                             out + i0 * ldo + j0, ldo);
+        });
     }
   }
 }
@@ -330,7 +344,7 @@ template <typename T, int MR, typename Epi>
 inline void gemm_micro_epi(int64_t K, const T* __restrict__ A, int64_t a_rs, int64_t a_cs,
                            const T* __restrict__ B, int64_t ldb, int64_t i0, int64_t j0,
                            Epi& epi) {
-  typename Vec32<T>::type lo[MR], hi[MR];
+  typename Vec<T>::type lo[MR], hi[MR];
   micro_sums<T, MR>(K, A, a_rs, a_cs, B, ldb, lo, hi);
   for (int q = 0; q < MR; ++q) epi(i0 + q, j0, lo[q], hi[q]);
 }
@@ -344,15 +358,10 @@ inline void gemm_epi(int64_t m, int64_t n, int64_t K, const T* A, int64_t a_rs, 
     int64_t i0 = 0;
     for (; i0 + kMicroRows <= m; i0 += kMicroRows)
       gemm_micro_epi<T, kMicroRows>(K, A + i0 * a_rs, a_rs, a_cs, b, ldb, i0, j0, epi);
-    const T* a = A + i0 * a_rs;
-    switch (m - i0) {
-      case 5: gemm_micro_epi<T, 5>(K, a, a_rs, a_cs, b, ldb, i0, j0, epi); break;
-      case 4: gemm_micro_epi<T, 4>(K, a, a_rs, a_cs, b, ldb, i0, j0, epi); break;
-      case 3: gemm_micro_epi<T, 3>(K, a, a_rs, a_cs, b, ldb, i0, j0, epi); break;
-      case 2: gemm_micro_epi<T, 2>(K, a, a_rs, a_cs, b, ldb, i0, j0, epi); break;
-      case 1: gemm_micro_epi<T, 1>(K, a, a_rs, a_cs, b, ldb, i0, j0, epi); break;
-      default: break;
-    }
+    if (i0 < m)
+      for_rows<kMicroRows - 1>(int(m - i0), [&](auto mr) {
+        gemm_micro_epi<T, decltype(mr)::value>(K, A + i0 * a_rs, a_rs, a_cs, b, ldb, i0, j0, epi);
+      });
   }
 }
 

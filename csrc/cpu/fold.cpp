@@ -1,16 +1,14 @@
 // CPU kernel of the grouped fold (pyadapt/ops/fold.py): W'_i = W_i + s_i L_i R_i for many
-// weights of different shapes in one parallel region. Each weight is copied once into its
-// accumulation dtype (float32, float64 for float64 weights), every weight is cut into the fixed
-// output tiles of tiled_gemm, and the tiles of all weights form one task list that the threads
-// work through (heaviest first, each taking the next tile): small and large weights share the
-// threads instead of running one after the other. A tile is one single-threaded BLAS call over the full inner size, so the result does
-// not depend on the thread count; the accumulator is rounded once to the weight's dtype.
+// weights of different shapes. Each weight is copied once into its accumulation dtype (float32,
+// float64 for float64 weights), and all the products of a dtype run as one gemm_group (gemm.h):
+// one parallel region packs every R_i, one computes every output tile, heaviest tiles first,
+// each written once as W + s * (L R) from the registers. Summation orders depend on the shapes
+// only, so the result does not depend on the thread count; the accumulator is rounded once to
+// the weight's dtype.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <atomic>
 #include <vector>
 
 #include "linear_common.h"
@@ -20,9 +18,21 @@ namespace {
 
 using namespace pyadapt::cpu;
 
-struct Tile {
-  int64_t w, i0, j0, bm, bn;
-};
+// acc[w] += scales[w] * L[w] @ R[w] for the listed w, all of compute type T, in one group.
+template <typename T>
+void fold_group(const std::vector<int64_t>& ws, std::vector<at::Tensor>& acc,
+                const std::vector<at::Tensor>& L, const std::vector<at::Tensor>& R,
+                const double* scales) {
+  std::vector<GemmArgs<T>> args;
+  std::vector<StoreEpi<T, T>> epis;
+  for (int64_t w : ws) {
+    const int64_t m = acc[w].size(0), n = acc[w].size(1);
+    args.push_back({m, n, L[w].size(1), view_of<T>(L[w]), view_of<T>(R[w])});
+    T* o = acc[w].data_ptr<T>();
+    epis.push_back(StoreEpi<T, T>{o, n, n, T(scales[w]), T(1), o, n});
+  }
+  gemm_group<T>(args, epis);
+}
 
 std::vector<at::Tensor> fold_weights_cpu(at::TensorList weights, at::TensorList lefts,
                                          at::TensorList rights, const at::Tensor& scales_) {
@@ -33,7 +43,7 @@ std::vector<at::Tensor> fold_weights_cpu(at::TensorList weights, at::TensorList 
   at::Tensor scales = scales_.to(at::kDouble).contiguous();
   const double* sp = scales.data_ptr<double>();
   std::vector<at::Tensor> acc(n), L(n), R(n);
-  std::vector<Tile> tiles;
+  std::vector<int64_t> in_float, in_double;
   for (int64_t w = 0; w < n; ++w) {
     const at::Tensor& W = weights[w];
     TORCH_CHECK(W.device().is_cpu() && W.dim() == 2, "fold_weights (cpu backend): weights[", w,
@@ -47,31 +57,10 @@ std::vector<at::Tensor> fold_weights_cpu(at::TensorList weights, at::TensorList 
                     R[w].size(1) == W.size(1) && L[w].size(1) == R[w].size(0),
                 "fold_weights (cpu backend): shapes of lefts[", w, "] / rights[", w,
                 "] do not match weights[", w, "]");
-    const TileShape ts = tile_shape(W.size(0), W.size(1));
-    for (int64_t i0 = 0; i0 < W.size(0); i0 += ts.rows)
-      for (int64_t j0 = 0; j0 < W.size(1); j0 += ts.cols)
-        tiles.push_back({w, i0, j0, std::min(ts.rows, W.size(0) - i0),
-                         std::min(ts.cols, W.size(1) - j0)});
+    (at_ == at::kDouble ? in_double : in_float).push_back(w);
   }
-  // Tiles of different weights cost very different amounts (a bias column against a 768 x 3072
-  // block): a static split of the list can hand one thread all the heavy ones. Workers take the
-  // next tile from a shared counter instead, heaviest first. Which thread runs a tile does not
-  // change its result (one single-threaded BLAS call), so the fold stays deterministic.
-  auto cost = [&](const Tile& t) { return t.bm * t.bn * L[t.w].size(1); };
-  std::stable_sort(tiles.begin(), tiles.end(),
-                   [&](const Tile& a, const Tile& b) { return cost(a) > cost(b); });
-  std::atomic<int64_t> next{0};
-  const int64_t ntiles = int64_t(tiles.size());
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntiles));
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    at::NoGradGuard no_grad;  // grad mode is thread-local: not inherited by worker threads
-    for (int64_t t = next++; t < ntiles; t = next++) {
-      const Tile& tl = tiles[t];
-      at::Tensor o = acc[tl.w].narrow(0, tl.i0, tl.bm).narrow(1, tl.j0, tl.bn);
-      at::addmm_out(o, o, L[tl.w].narrow(0, tl.i0, tl.bm), R[tl.w].narrow(1, tl.j0, tl.bn), 1.0,
-                    sp[tl.w]);
-    }
-  });
+  if (!in_float.empty()) fold_group<float>(in_float, acc, L, R, sp);
+  if (!in_double.empty()) fold_group<double>(in_double, acc, L, R, sp);
   std::vector<at::Tensor> out(n);
   for (int64_t w = 0; w < n; ++w) out[w] = acc[w].to(weights[w].scalar_type());
   return out;

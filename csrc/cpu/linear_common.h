@@ -1,14 +1,7 @@
 // Building blocks of the CPU kernels built around a frozen linear layer (lowrank.cpp,
-// radapter.cpp, fold.cpp): a tiled GEMM whose result does not depend on the thread count, a
-// column sum accumulated in double, the rank-space dropout of pyadapt.reference, and the dtype
-// policy (bf16/fp16 storage computes in float32 and is rounded once at the end).
-//
-// Why tiles: a BLAS call may pick its blocking (and so its summation order) from the number of
-// threads it gets. Here the output is cut into fixed tiles that depend on the shapes only; each
-// tile is one BLAS call contracting over the full inner dimension, made inside at::parallel_for
-// (an OpenMP region, where MKL runs single-threaded), and tiles run in parallel. Every output
-// element is therefore computed by the same call with the same operands whatever the thread
-// count. Products of at most kSmallGemm multiply-adds are one direct call instead (below).
+// radapter.cpp, fold.cpp): a GEMM on tensors whose result does not depend on the thread count
+// (gemm.h), a column sum accumulated in double, the rank-space dropout of pyadapt.reference,
+// and the dtype policy (bf16/fp16 storage computes in float32 and is rounded once at the end).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -19,78 +12,68 @@
 #include <vector>
 
 #include "common.h"
+#include "gemm.h"
 
 namespace pyadapt {
 namespace cpu {
 
-// Output tiles: full-width row blocks of at most kMaxTileRows rows (each BLAS call packs its
-// rows once and sees the whole width), cut into kTargetTiles or more tiles where the shape
-// allows, splitting columns too when there are few rows (skinny 16 x 768 weight gradients).
-// Sizes are multiples of 16 and depend on the shape only, never on the thread count.
-constexpr int64_t kMaxTileRows = 256;
-constexpr int64_t kTargetTiles = 8;
+// Products of at most kSmallGemm multiply-adds are one direct BLAS call on the calling thread,
+// the very call F.linear / torch.mm make (so a zero adapter leaves a small base output bit-equal
+// to nn.Linear's). That its bits do not depend on the thread count is measured, not a BLAS
+// guarantee: 117 shapes up to kSmallGemm, MKL 2024.2, 1 vs 2 threads, all bit-identical; the
+// tests' thread-count checks cover both paths. Larger products run gemm.h's GEMM.
 constexpr double kSmallGemm = double(1 << 21);  // multiply-adds
-
-inline int64_t round_up16(int64_t v) { return (v + 15) / 16 * 16; }
-
-struct TileShape {
-  int64_t rows, cols;
-};
-
-inline TileShape tile_shape(int64_t m, int64_t n) {
-  const int64_t rows = std::max<int64_t>(
-      16, std::min(kMaxTileRows, round_up16((m + kTargetTiles - 1) / kTargetTiles)));
-  const int64_t row_tiles = std::max<int64_t>(1, (m + rows - 1) / rows);  // m = 0: no tiles
-  int64_t cols = n;
-  if (row_tiles < kTargetTiles) {
-    const int64_t splits = (kTargetTiles + row_tiles - 1) / row_tiles;
-    cols = std::max<int64_t>(16, round_up16((n + splits - 1) / splits));
-  }
-  return {rows, std::max<int64_t>(cols, 1)};
-}
 
 // How `init` enters tiled_gemm: not at all (out = alpha a b), as a row broadcast to every row
 // (a bias of n values), or as a matrix of out's shape (it may be out itself: accumulate).
 enum class Init { None, Row, Matrix };
 
-// out (m x n) = beta * init + alpha * a (m x k) @ b (k x n); a, b and out may be strided views
-// with unit stride in one dimension (transposes of contiguous matrices, column slices).
+template <typename T>
+inline View<T> view_of(const at::Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1)};
+}
+
+template <typename T>
+void gemm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, Init how,
+               const at::Tensor& init, double beta, double alpha) {
+  const int64_t m = out.size(0), n = out.size(1), K = a.size(1);
+  const T* ip = how == Init::None ? nullptr : init.data_ptr<T>();
+  const int64_t ldi = how == Init::Matrix ? init.stride(0) : 0;
+  TORCH_CHECK(how != Init::Matrix || init.stride(1) == 1, "gemm: init needs unit column stride");
+  TORCH_CHECK(how != Init::Row || init.stride(0) == 1, "gemm: bias needs unit stride");
+  if (4 * m <= n && how != Init::Row) {
+    // few rows, many columns (an r x d weight gradient): compute out^T = b^T a^T, so the packed
+    // operand is the small one and the large one is read in place, column runs contiguous
+    StoreTransposedEpi<T, T> epi{out.data_ptr<T>(), out.stride(0), m, T(alpha), T(beta), ip, ldi};
+    gemm<T>(n, m, K, view_of<T>(b).t(), view_of<T>(a).t(), epi);
+  } else {
+    StoreEpi<T, T> epi{out.data_ptr<T>(), out.stride(0), n, T(alpha), T(beta), ip, ldi};
+    gemm<T>(m, n, K, view_of<T>(a), view_of<T>(b), epi);
+  }
+}
+
+// out (m x n) = beta * init + alpha * a (m x k) @ b (k x n); a and b may be any strided views
+// (transposes, column slices), out and a matrix init need unit column stride.
 inline void tiled_gemm(at::Tensor out, const at::Tensor& a, const at::Tensor& b, Init how,
                        const at::Tensor& init, double beta, double alpha) {
   const int64_t m = out.size(0), n = out.size(1);
   if (m == 0 || n == 0) return;
-  // A small product is one call, the very call F.linear / torch.mm make (so a zero adapter
-  // leaves the base output bit-equal to nn.Linear's). That its bits do not depend on the thread
-  // count is measured, not a BLAS guarantee: 117 shapes up to kSmallGemm, MKL 2024.2, 1 vs 2
-  // threads, all bit-identical; the tests' thread-count checks cover both paths.
-  const bool small = double(m) * double(n) * double(a.size(1)) <= kSmallGemm;
-  const TileShape ts = small ? TileShape{m, n} : tile_shape(m, n);
-  const int64_t tm = (m + ts.rows - 1) / ts.rows;
-  const int64_t tn = (n + ts.cols - 1) / ts.cols;
-  auto run_tiles = [&](int64_t t0, int64_t t1) {
-    // Grad mode is thread-local and worker threads do not inherit the caller's guard.
+  if (double(m) * double(n) * double(a.size(1)) <= kSmallGemm) {
     at::NoGradGuard no_grad;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t i0 = (t / tn) * ts.rows, j0 = (t % tn) * ts.cols;
-      const int64_t bm = std::min(ts.rows, m - i0), bn = std::min(ts.cols, n - j0);
-      at::Tensor o = out.narrow(0, i0, bm).narrow(1, j0, bn);
-      at::Tensor at_ = a.narrow(0, i0, bm);
-      at::Tensor bt = b.narrow(1, j0, bn);
-      if (how == Init::None) {
-        at::addmm_out(o, o, at_, bt, 0.0, alpha);  // beta = 0: o is not read (nor its NaNs)
-      } else if (how == Init::Row) {
-        o.copy_(init.narrow(0, j0, bn).unsqueeze(0).expand({bm, bn}));
-        at::addmm_out(o, o, at_, bt, beta, alpha);
-      } else {
-        at::Tensor it = init.narrow(0, i0, bm).narrow(1, j0, bn);
-        at::addmm_out(o, it, at_, bt, beta, alpha);
-      }
+    if (how == Init::None) {
+      at::addmm_out(out, out, a, b, 0.0, alpha);  // beta = 0: out is not read (nor its NaNs)
+    } else if (how == Init::Row) {
+      out.copy_(init.unsqueeze(0).expand({m, n}));
+      at::addmm_out(out, out, a, b, beta, alpha);
+    } else {
+      at::addmm_out(out, init, a, b, beta, alpha);
     }
-  };
-  if (small)
-    run_tiles(0, 1);  // on the calling thread, outside any parallel region, as F.linear runs
-  else
-    at::parallel_for(0, tm * tn, 1, run_tiles);
+    return;
+  }
+  TORCH_CHECK(out.stride(1) == 1, "gemm: out needs unit column stride");
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "tiled_gemm", [&] {
+    gemm_into<scalar_t>(out, a, b, how, init, beta, alpha);
+  });
 }
 
 // a @ b as a new contiguous tensor (m x n), deterministic (see tiled_gemm).
