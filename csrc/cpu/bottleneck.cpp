@@ -3,9 +3,11 @@
 // Rows of x are processed in blocks of kRowBlock rows: a block's x rows, its bottleneck
 // activations (kRowBlock x r) and its output rows stay in cache across the down and up passes,
 // so the forward reads x (and the residual) and writes y once, and the backward reads x and
-// grad_y and writes dx once. Blocks run in parallel (at::parallel_for). Products are common.h's
-// 6 x 16 register tiles of AVX2 FMAs (gemm_acc; gemm_epi where the epilogue writes y or dx
-// straight from the registers), sums in an order fixed by the shapes.
+// grad_y and writes dx once. Blocks run in parallel (at::parallel_for). The products of a block
+// with a weight (down: a d-long sum per bottleneck value; up: an r-long sum per output value)
+// run gemm.h's micro-kernels over weights packed once per call (gemm_serial; the wide ones write
+// y or dx straight from the registers); the weight gradients (rank-`rows` updates) and the
+// shared layer use common.h's register tiles (gemm_acc). Sums run in an order fixed by shapes.
 // Training keeps the forward's pre-activations (bottleneck_forward_saving, M x r, or 2r with
 // the shared layer), so the backward does not recompute down(x), a product over d.
 // Weight gradients are reduced deterministically: each reduction chunk (a fixed number of rows
@@ -40,6 +42,7 @@
 #endif
 
 #include "common.h"
+#include "gemm.h"
 
 namespace pyadapt {
 namespace {
@@ -186,6 +189,75 @@ inline void stream_fence() {
 #endif
 }
 
+// Epilogue segments of gemm.h's wide tiles: columns j..j+n (n <= NV * L) of a storage row as
+// NV compute-type vectors (zero past n), and back (only n values written, rounded once for
+// low-precision storage; streamed past the caches when asked, see streams_output).
+template <typename S, typename C, int NV>
+inline void load_seg(const S* src, int64_t n, typename GemmVec<C>::V (&v)[NV]) {
+  using G = GemmVec<C>;
+  if constexpr (std::is_same_v<S, C>) {
+    if (n == NV * G::L) {
+      for (int k = 0; k < NV; ++k) v[k] = *reinterpret_cast<const typename G::U*>(src + k * G::L);
+      return;
+    }
+  }
+  alignas(64) C buf[NV * G::L] = {};
+  widen<S, C>(src, buf, n);
+  std::memcpy(v, buf, sizeof(buf));
+}
+
+template <typename S, typename C, int NV>
+inline void store_seg(const typename GemmVec<C>::V (&v)[NV], S* dst, int64_t n, bool stream) {
+  using G = GemmVec<C>;
+  if constexpr (std::is_same_v<S, C>) {
+    if (n == NV * G::L) {
+#if defined(__AVX512F__)
+      if constexpr (kGemmVecBytes == 64) {
+        if (stream && (reinterpret_cast<uintptr_t>(dst) & 63) == 0) {
+          for (int k = 0; k < NV; ++k) {
+            if constexpr (std::is_same_v<C, float>)
+              _mm512_stream_ps(dst + k * G::L, reinterpret_cast<__m512>(v[k]));
+            else
+              _mm512_stream_pd(dst + k * G::L, reinterpret_cast<__m512d>(v[k]));
+          }
+          return;
+        }
+      }
+#endif
+#if defined(__AVX__)
+      if constexpr (kGemmVecBytes == 32) {
+        if (stream && (reinterpret_cast<uintptr_t>(dst) & 31) == 0) {
+          for (int k = 0; k < NV; ++k) {
+            if constexpr (std::is_same_v<C, float>)
+              _mm256_stream_ps(dst + k * G::L, reinterpret_cast<__m256>(v[k]));
+            else
+              _mm256_stream_pd(dst + k * G::L, reinterpret_cast<__m256d>(v[k]));
+          }
+          return;
+        }
+      }
+#endif
+      for (int k = 0; k < NV; ++k) *reinterpret_cast<typename G::U*>(dst + k * G::L) = v[k];
+      return;
+    }
+  }
+  alignas(64) C buf[NV * G::L];
+  std::memcpy(buf, v, sizeof(buf));
+  narrow<S, C>(buf, dst, n);
+}
+
+// The vectors in an epilogue's argument (gemm.h hands NV of them, NV set by the tile shape).
+template <typename VA>
+constexpr int nvec() { return int(std::extent_v<std::remove_reference_t<VA>>); }
+
+// Prefetches the cache lines of n values from p: the next block's rows, requested while this
+// block's output is written (the down product reads 48 rows at once, too many streams for the
+// hardware prefetcher).
+template <typename S>
+inline void prefetch_row(const S* p, int64_t n) {
+  for (int64_t c = 0; c < n; c += int64_t(64 / sizeof(S))) __builtin_prefetch(p + c, 0, 3);
+}
+
 struct Params {
   int64_t M, d, r;
   int64_t rp, dp;  // r and d padded to the GEMM tile width (zero columns in packed weights)
@@ -204,16 +276,24 @@ inline uint64_t philox_row(const Params& P, int64_t row) {
   return uint64_t(P.drop_rows ? P.drop_rows[row] : row);
 }
 
-// Weights and biases in the compute type, packed with zero-padded columns for gemm_acc.
+// Weights and biases in the compute type, packed: the products of a row block with a weight
+// in gemm.h's panels (narrow: r columns, wide: d columns), the shared layer's for gemm_acc
+// (zero-padded columns).
+template <typename C>
+using NarrowB = PackedB<C, NarrowTile<C>::NR>;
+template <typename C>
+using WideB = PackedB<C, WideTile<C>::NR>;
+
 template <typename C>
 struct Packed {
-  std::vector<C> wdT;  // (d, rp): down^T, the forward's x -> pre1
+  std::unique_ptr<NarrowB<C>> down_t;  // (d x r): down^T, the forward's x -> pre1
+  std::unique_ptr<WideB<C>> up_t;      // (r x d): up^T, the forward's hin -> y
+  std::unique_ptr<NarrowB<C>> up;      // (d x r): up, the backward's g_u -> dh
+  std::unique_ptr<WideB<C>> down;      // (r x d): down, dpre1 -> dx
   std::vector<C> wsT;  // (r, rp): shared^T
-  std::vector<C> wuT;  // (r, dp): up^T, the forward's hin -> y
-  std::vector<C> wu;   // (d, rp): up, the backward's g_u -> dh
   std::vector<C> ws;   // (r, rp): shared, dpre2 -> dh1
-  std::vector<C> wd;   // (r, dp): down, dpre1 -> dx
-  std::vector<C> bd, bs, bu, rs;  // empty when absent
+  std::vector<C> wu;   // (d, r): up as given (dscale)
+  std::vector<C> bd, bs, bu, rs;  // empty when absent; bu padded to a whole wide tile
 };
 
 template <typename S, typename C>
@@ -222,6 +302,17 @@ std::vector<C> to_compute(const at::Tensor& t) {
   if (!t.defined()) return out;
   out.resize(size_t(t.numel()));
   widen<S, C>(t.data_ptr<S>(), out.data(), t.numel());
+  return out;
+}
+
+// w (R x K, storage type S) packed as gemm.h's B operand: K x R (transposed) or R x K.
+template <typename C, int NR, typename S>
+std::unique_ptr<PackedB<C, NR>> pack_b_of(const at::Tensor& w, bool transpose) {
+  const int64_t R = w.size(0), K = w.size(1);
+  const S* p = w.data_ptr<S>();
+  auto out = transpose ? std::make_unique<PackedB<C, NR>>(K, R)
+                       : std::make_unique<PackedB<C, NR>>(R, K);
+  out->pack(transpose ? View<S>{p, 1, K} : View<S>{p, K, 1});
   return out;
 }
 
@@ -256,18 +347,20 @@ Packed<C> pack_all(const Params& P, const at::Tensor& wd, const at::Tensor& bd,
   Packed<C> k;
   // the products that form pre1 / pre2: not needed by a backward given the saved ones
   if (!have_pre) {
-    k.wdT = pack<S, C>(wd, true, P.rp);
+    k.down_t = pack_b_of<C, NarrowTile<C>::NR, S>(wd, true);
     if (P.shared) k.wsT = pack<S, C>(ws, true, P.rp);
   }
-  if (!backward) k.wuT = pack<S, C>(wu, true, P.dp);  // the backward never forms u = hin W_u^T
+  if (!backward) k.up_t = pack_b_of<C, WideTile<C>::NR, S>(wu, true);  // u = hin W_u^T
   if (backward) {
-    k.wu = pack<S, C>(wu, false, P.rp);
-    k.wd = pack<S, C>(wd, false, P.dp);
+    k.up = pack_b_of<C, NarrowTile<C>::NR, S>(wu, false);
+    k.down = pack_b_of<C, WideTile<C>::NR, S>(wd, false);
     if (P.shared) k.ws = pack<S, C>(ws, false, P.rp);
+    k.wu = to_compute<S, C>(wu);
   }
   k.bd = to_compute<S, C>(bd);
   k.bs = to_compute<S, C>(bs);
   k.bu = to_compute<S, C>(bu);
+  if (!k.bu.empty()) k.bu.resize(size_t(round_up(P.d, WideTile<C>::NR)), C(0));
   k.rs = to_compute<S, C>(rs);
   return k;
 }
@@ -308,6 +401,33 @@ struct Scratch {
   }
 };
 
+// Per-thread scratch of gemm_serial for the products with packed weights (present ones only).
+template <typename C>
+struct ProductScratch {
+  std::unique_ptr<SerialScratch<C, NarrowTile<C>>> down_t, up;
+  std::unique_ptr<SerialScratch<C, WideTile<C>>> up_t, down;
+  explicit ProductScratch(const Packed<C>& W) {
+    if (W.down_t) down_t = std::make_unique<SerialScratch<C, NarrowTile<C>>>(*W.down_t, kRowBlock);
+    if (W.up) up = std::make_unique<SerialScratch<C, NarrowTile<C>>>(*W.up, kRowBlock);
+    if (W.up_t) up_t = std::make_unique<SerialScratch<C, WideTile<C>>>(*W.up_t, kRowBlock);
+    if (W.down) down = std::make_unique<SerialScratch<C, WideTile<C>>>(*W.down, kRowBlock);
+  }
+};
+
+// Writes a narrow product's row segment (columns j.. of an r-wide result) into a scratch row of
+// stride rp: value * mult + bias (bias null: none), only the columns below rp (the pad columns
+// past r come out zero: B is zero-padded and there is no bias there).
+template <typename C, typename VA>
+inline void narrow_store(C* row, int64_t j, const VA& v, int64_t rp, int64_t r, C mult,
+                         const C* bias) {
+  constexpr int NV = nvec<VA>();
+  alignas(64) C buf[NV * GemmVec<C>::L];
+  std::memcpy(buf, &v, sizeof(buf));
+  const int64_t n = std::min<int64_t>(NV * GemmVec<C>::L, rp - j);
+  for (int64_t c = 0; c < n; ++c)
+    row[j + c] = buf[c] * mult + (bias && j + c < r ? bias[j + c] : C(0));
+}
+
 // The x rows of a block in the compute type, readable up to column dp: the storage itself when
 // it already is (and d needs no padding), else widened into the scratch block.
 template <typename S, typename C>
@@ -342,13 +462,17 @@ inline void copy_padded(const C* src, int64_t ld, int64_t rows, int64_t r, int64
 // products when given: the backward then costs no product over d for them.
 template <typename C>
 void bottleneck_rows(const C* xb, int64_t ldx, const C* saved, int64_t row0, int64_t rows,
-                     const Params& P, const Packed<C>& W, Scratch<C>& s) {
-  const int64_t d = P.d, r = P.r, rp = P.rp, sw = saved_width(P);
+                     const Params& P, const Packed<C>& W, Scratch<C>& s, ProductScratch<C>& ps) {
+  const int64_t r = P.r, rp = P.rp, sw = saved_width(P);
   if (saved) {
     copy_padded(saved + row0 * sw, sw, rows, r, rp, s.pre1);
   } else {
-    fill_rows(s.pre1, rows, rp, W.bd, r);
-    gemm_acc<C>(rows, rp, d, xb, ldx, 1, W.wdT.data(), rp, s.pre1, rp);
+    // pre1 = x W_d^T + b_d
+    const C* bias = W.bd.empty() ? nullptr : W.bd.data();
+    gemm_serial<C, NarrowTile<C>>(rows, View<C>{xb, ldx, 1}, *W.down_t, *ps.down_t,
+                                  [&](int64_t i, int64_t j, const auto& v) {
+      narrow_store(s.pre1 + i * rp, j, v, rp, r, C(1), bias);
+    });
   }
   for (int64_t i = 0; i < rows * rp; ++i) s.h1[i] = act_fwd(s.pre1[i], P.act);
   const C* h = s.h1;
@@ -381,7 +505,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& res, const at::Tensor& 
                   const at::Tensor& wu, const at::Tensor& bu, const at::Tensor& rs,
                   const Params& P, at::Tensor& y, at::Tensor& saved) {
   using C = typename ComputeOf<S>::type;
-  const int64_t d = P.d, rp = P.rp, dp = P.dp;
+  const int64_t d = P.d, rp = P.rp;
   const Packed<C> W = pack_all<S, C>(P, wd, bd, ws, bs, wu, bu, rs, false);
   const S* xp = x.data_ptr<S>();
   const S* resp = res.defined() ? res.data_ptr<S>() : xp;
@@ -389,20 +513,16 @@ void forward_impl(const at::Tensor& x, const at::Tensor& res, const at::Tensor& 
   C* const savep = saved.defined() ? saved.data_ptr<C>() : nullptr;
   const C scale = C(P.scale);
   const bool has_rs = !W.rs.empty();
-  const std::vector<C> zeros(size_t(dp), C(0));
-  const C* const bias_u = W.bu.empty() ? zeros.data() : W.bu.data();
-  using V = typename Vec<C>::type;
-  using U = typename Vec<C>::unaligned;
-  constexpr int64_t NC = tile_cols<C>();
   const int64_t nblocks = (P.M + kRowBlock - 1) / kRowBlock;
   const bool stream = streams_output(P.M * d * int64_t(sizeof(S)));
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     Scratch<C> s(P, false);
+    ProductScratch<C> ps(W);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t row0 = b * kRowBlock, rows = std::min(kRowBlock, P.M - row0);
       int64_t ldx;
       const C* xb = block_x<S, C>(xp, row0, rows, P, s.xb, ldx);
-      bottleneck_rows<C>(xb, ldx, nullptr, row0, rows, P, W, s);
+      bottleneck_rows<C>(xb, ldx, nullptr, row0, rows, P, W, s, ps);
       if (savep) {
         const int64_t sw = saved_width(P);
         for (int64_t i = 0; i < rows; ++i) {
@@ -413,21 +533,22 @@ void forward_impl(const at::Tensor& x, const at::Tensor& res, const at::Tensor& 
       }
       // up projection with the epilogue fused: y = residual + (u * scale) * row_scale,
       // u = hin W_u^T + b_u, each y element written once
-      gemm_epi<C>(rows, dp, P.r, s.hin, rp, 1, W.wuT.data(), dp,
-                  [&](int64_t i, int64_t j, V lo, V hi) {
-        const int64_t row = row0 + i, n = std::min(NC, d - j);
+      gemm_serial<C, WideTile<C>>(rows, View<C>{s.hin, rp, 1}, *W.up_t, *ps.up_t,
+                                  [&](int64_t i, int64_t j, const auto& acc) {
+        constexpr int NV = nvec<decltype(acc)>();
+        using V = typename GemmVec<C>::V;
+        using U = typename GemmVec<C>::U;
+        const int64_t row = row0 + i, n = std::min<int64_t>(NV * GemmVec<C>::L, d - j);
         const C f = has_rs ? W.rs[row] : C(1);
-        V r0, r1;
-        load_tile<S, C>(resp + row * d + j, n, r0, r1);
-        const V b0 = *reinterpret_cast<const U*>(bias_u + j);
-        const V b1 = *reinterpret_cast<const U*>(bias_u + j + NC / 2);
-        // (u * scale) * row_scale, u = acc + b_u: the reference's order of operations
-        V y0 = ((lo + b0) * scale) * f + r0;
-        V y1 = ((hi + b1) * scale) * f + r1;
-        store_tile<S, C>(y0, y1, yp + row * d + j, n, stream);
-        // one line of the next block's x per tile: the down product reads 48 rows at once,
-        // too many streams for the hardware prefetcher, so the lines arrive ahead of it
-        if (row + kRowBlock < P.M) __builtin_prefetch(xp + (row + kRowBlock) * d + j, 0, 3);
+        V res[NV], out[NV];
+        load_seg<S, C, NV>(resp + row * d + j, n, res);
+        for (int k = 0; k < NV; ++k) {
+          const V b = W.bu.empty() ? V{} : *reinterpret_cast<const U*>(W.bu.data() + j + k * GemmVec<C>::L);
+          // (u * scale) * row_scale, u = acc + b_u: the reference's order of operations
+          out[k] = ((acc[k] + b) * scale) * f + res[k];
+        }
+        store_seg<S, C, NV>(out, yp + row * d + j, n, stream);
+        if (row + kRowBlock < P.M) prefetch_row(xp + (row + kRowBlock) * d + j, n);
       });
     }
     if (stream) stream_fence();
@@ -469,8 +590,6 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const at::Tensor& x,
   const S* gyp = gy.data_ptr<S>();
   S* dxp = need_dx ? dx.data_ptr<S>() : nullptr;
   const C scale = C(P.scale);
-  using V = typename Vec<C>::type;
-  constexpr int64_t NC = tile_cols<C>();
   const bool has_rs = !W.rs.empty();
   const bool direct_g = std::is_same_v<S, C> && d == dp && !has_rs;
   const C* const savedp = saved.defined() ? saved.data_ptr<C>() : nullptr;
@@ -478,6 +597,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const at::Tensor& x,
   const bool stream = need_dx && streams_output(M * d * int64_t(sizeof(S)));
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     Scratch<C> s(P, true);
+    ProductScratch<C> ps(W);
     std::vector<C> colsum(static_cast<size_t>(dp), C(0));
     for (int64_t c = c0; c < c1; ++c) {
       C* part = partial.get() + c * psize;
@@ -490,7 +610,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const at::Tensor& x,
         const int64_t rows = std::min(kRowBlock, cend - row0);
         int64_t ldx;
         const C* xb = block_x<S, C>(xp, row0, rows, P, s.xb, ldx);
-        bottleneck_rows<C>(xb, ldx, savedp, row0, rows, P, W, s);
+        bottleneck_rows<C>(xb, ldx, savedp, row0, rows, P, W, s, ps);
         // gr = row_scale * g: grad_y's rows themselves when they already are that (compute
         // dtype, no padding, no row_scale), else widened / scaled into the scratch (zero pad
         // columns). scale is applied to the r-wide dh and, once, to the reduced dW_u / db_u,
@@ -523,9 +643,10 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const at::Tensor& x,
         }
         for (int64_t j = 0; j < d; ++j) pbu[j] += double(colsum[j]);
         // dh = scale * (gr W_u)
-        fill_rows(s.dh, rows, rp, std::vector<C>(), r);
-        gemm_acc<C>(rows, rp, d, gr, ldg, 1, W.wu.data(), rp, s.dh, rp);
-        for (int64_t i = 0; i < rows * rp; ++i) s.dh[i] *= scale;
+        gemm_serial<C, NarrowTile<C>>(rows, View<C>{gr, ldg, 1}, *W.up, *ps.up,
+                                      [&](int64_t i, int64_t j, const auto& v) {
+          narrow_store(s.dh + i * rp, j, v, rp, r, scale, static_cast<const C*>(nullptr));
+        });
         if (P.p > 0.0) {
           const float pf = float(P.p);
           const C mult = C(1.0 / (1.0 - P.p));
@@ -567,19 +688,22 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const at::Tensor& x,
         gemm_acc<C>(d, rp, rows, xb, 1, ldx, s.dh1, rp, pwd, rp);
         // dx = dpre1 W_d (+ g when the residual is x itself)
         if (dxp) {
-          gemm_epi<C>(rows, dp, r, s.dh1, rp, 1, W.wd.data(), dp,
-                      [&](int64_t i, int64_t j, V lo, V hi) {
-            const int64_t row = row0 + i, n = std::min(NC, d - j);
-            if (!has_residual) {   // the residual is x itself: its identity path
-              V g0, g1;
-              load_tile<S, C>(gyp + row * d + j, n, g0, g1);
-              lo = g0 + lo;
-              hi = g1 + hi;
+          gemm_serial<C, WideTile<C>>(rows, View<C>{s.dh1, rp, 1}, *W.down, *ps.down,
+                                      [&](int64_t i, int64_t j, const auto& acc) {
+            constexpr int NV = nvec<decltype(acc)>();
+            using V = typename GemmVec<C>::V;
+            const int64_t row = row0 + i, n = std::min<int64_t>(NV * GemmVec<C>::L, d - j);
+            V out[NV];
+            if (!has_residual) {  // the residual is x itself: its identity path
+              load_seg<S, C, NV>(gyp + row * d + j, n, out);
+              for (int k = 0; k < NV; ++k) out[k] = out[k] + acc[k];
+            } else {
+              for (int k = 0; k < NV; ++k) out[k] = acc[k];
             }
-            store_tile<S, C>(lo, hi, dxp + row * d + j, n, stream);
-            if (row + kRowBlock < M) {   // the next block's x and grad_y (see the forward)
-              __builtin_prefetch(xp + (row + kRowBlock) * d + j, 0, 3);
-              __builtin_prefetch(gyp + (row + kRowBlock) * d + j, 0, 3);
+            store_seg<S, C, NV>(out, dxp + row * d + j, n, stream);
+            if (row + kRowBlock < M) {  // the next block's x and grad_y (see the forward)
+              prefetch_row(xp + (row + kRowBlock) * d + j, n);
+              prefetch_row(gyp + (row + kRowBlock) * d + j, n);
             }
           });
         }
@@ -610,7 +734,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const at::Tensor& x,
     double ds = 0.0;
     for (int64_t j = 0; j < d; ++j)
       for (int64_t k = 0; k < r; ++k)
-        ds += double(W.wu[j * rp + k]) * double(tp[o_wu + j * rp + k]);
+        ds += double(W.wu[j * r + k]) * double(tp[o_wu + j * rp + k]);
     if (!W.bu.empty())
       for (int64_t j = 0; j < d; ++j) ds += double(W.bu[j]) * bsum[b_bu + j];
     bsum[b_sc] = ds;

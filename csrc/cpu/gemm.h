@@ -89,6 +89,7 @@ struct AlignedBuf {
   ~AlignedBuf() {
     if (p) ::operator delete[](p, std::align_val_t(64));
   }
+  AlignedBuf(AlignedBuf&& o) noexcept : p(o.p) { o.p = nullptr; }
   AlignedBuf(const AlignedBuf&) = delete;
   AlignedBuf& operator=(const AlignedBuf&) = delete;
 };
@@ -147,19 +148,110 @@ inline void pack_a(const View<S>& A, int64_t m, int64_t i0, int64_t k0, int64_t 
 }
 
 // All of B, packed: the k-block starting at k0 (kcs = min(kc, K - k0) rows) holds npanels
-// panels of kcs x NR, one after the other.
+// panels of kcs x NR, one after the other; columns past n are zero.
 template <typename T, int NR>
 struct PackedB {
-  int64_t K, n, kc, npanels;
+  int64_t K, n, kc, nkb, npanels;
   AlignedBuf<T> buf;
   PackedB(int64_t K_, int64_t n_)
-      : K(K_), n(n_), kc(kc_for(K_)), npanels((n_ + NR - 1) / NR),
+      : K(K_), n(n_), kc(kc_for(K_)), nkb(std::max<int64_t>(1, (K_ + kc - 1) / kc)),
+        npanels((n_ + NR - 1) / NR),
         buf(size_t(std::max<int64_t>(K_, 1) * ((n_ + NR - 1) / NR) * NR)) {}
   T* panel(int64_t k0, int64_t jp) const {
     const int64_t kcs = std::min(kc, K - k0);
     return buf.p + k0 * npanels * NR + jp * kcs * NR;
   }
+  int64_t packing_tasks() const { return K > 0 ? nkb * npanels : 0; }
+
+  // Packs panel jp of k-block kb of B (task t = kb * npanels + jp).
+  template <typename S>
+  void pack_task(const View<S>& B, int64_t t) const {
+    const int64_t kb = t / npanels, jp = t % npanels;
+    const int64_t k0 = kb * kc, kcs = std::min(kc, K - k0);
+    const int64_t j0 = jp * NR, cols = std::min<int64_t>(NR, n - j0);
+    T* dst = panel(k0, jp);
+    if (B.cs == 1) {
+      for (int64_t k = 0; k < kcs; ++k) {
+        const S* src = B.p + (k0 + k) * B.rs + j0;
+        T* d = dst + k * NR;
+        for (int64_t j = 0; j < cols; ++j) d[j] = T(src[j]);
+        for (int64_t j = cols; j < NR; ++j) d[j] = T(0);
+      }
+    } else {
+      // a transposed weight: each column's k run is contiguous in memory
+      for (int64_t k = 0; k < kcs; ++k)
+        for (int64_t j = cols; j < NR; ++j) dst[k * NR + j] = T(0);
+      for (int64_t j = 0; j < cols; ++j) {
+        const S* src = B.p + (j0 + j) * B.cs + k0 * B.rs;
+        for (int64_t k = 0; k < kcs; ++k) dst[k * NR + j] = T(src[k * B.rs]);
+      }
+    }
+  }
+
+  // Packs all of B, the panels in parallel.
+  template <typename S>
+  void pack(const View<S>& B) const {
+    at::parallel_for(0, packing_tasks(), 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) pack_task(B, t);
+    });
+  }
 };
+
+// The core loop: rows [pm0 * MR, pm1 * MR) (clipped to m) x column panels [jp0, jp1) of
+// epi(A @ B), B packed in pb. Per k-block, each row panel of A is packed (or, when `pack` is
+// false and A is already of the compute type, read in place) and the micro-kernel runs over the
+// column panels. With several k-blocks the running sums wait in `tot` (row_panels * MR x ld).
+// Single-threaded: callers split the work.
+template <typename T, typename Tl, typename SA, typename Epi>
+void gemm_panels(const View<SA>& A, int64_t m, const PackedB<T, Tl::NR>& pb, int64_t pm0,
+                 int64_t pm1, int64_t jp0, int64_t jp1, bool pack, T* ap, T* tot, int64_t ld,
+                 Epi& epi) {
+  using V = typename Tl::V;
+  constexpr int MR = Tl::MR, NR = Tl::NR, NV = Tl::NV;
+  const int64_t K = pb.K, nkb = pb.nkb;
+  for (int64_t kb = 0; kb < nkb; ++kb) {
+    const int64_t k0 = kb * pb.kc, kcs = K > 0 ? std::min(pb.kc, K - k0) : 0;
+    const bool first = kb == 0, last = kb == nkb - 1;
+    for (int64_t pm = pm0; pm < pm1; ++pm) {
+      const int64_t i0 = pm * MR;
+      const int rows = int(std::min<int64_t>(MR, m - i0));
+      // this panel's A operand: packed, or read in place (a full panel of compute-type A)
+      const T* a = ap;
+      int64_t a_rs = 0, a_cs = 0;
+      if (kcs > 0) {
+        bool in_place = false;
+        if constexpr (std::is_same_v<SA, T>) {
+          if (!pack && rows == MR) {
+            a = A.p + i0 * A.rs + k0 * A.cs;
+            a_rs = A.rs;
+            a_cs = A.cs;
+            in_place = true;
+          }
+        }
+        if (!in_place) pack_a<T, MR, SA>(A, m, i0, k0, kcs, ap);
+      }
+      for (int64_t jp = jp0; jp < jp1; ++jp) {
+        V acc[MR][NV];
+        if (kcs > 0) {
+          gemm_ukernel<T, Tl>(kcs, a, a_rs, a_cs, pb.panel(k0, jp), acc);
+        } else {
+          for (int q = 0; q < MR; ++q)
+            for (int v = 0; v < NV; ++v) acc[q][v] = V{};
+        }
+        T* tp = nkb > 1 ? tot + (pm - pm0) * MR * ld + (jp - jp0) * NR : nullptr;
+        for (int q = 0; q < rows; ++q) {
+          V* run = reinterpret_cast<V*>(tp + q * ld);
+          if (!first)
+            for (int v = 0; v < NV; ++v) acc[q][v] = run[v] + acc[q][v];
+          if (last)
+            epi(i0 + q, jp * NR, acc[q]);
+          else
+            for (int v = 0; v < NV; ++v) run[v] = acc[q][v];
+        }
+      }
+    }
+  }
+}
 
 // Output tiles handed to the threads: row blocks of whole micro-panels (at most
 // kGemmMaxRowPanels), split into column blocks of whole column panels when there are few rows;
@@ -199,22 +291,21 @@ inline bool packs_a(int64_t npanels) {
 // changes a bit of the result.
 template <typename T, typename Tl, typename SA, typename SB>
 struct GemmPlan {
-  static constexpr int MR = Tl::MR, NR = Tl::NR, NV = Tl::NV;
-  using V = typename Tl::V;
+  static constexpr int MR = Tl::MR, NR = Tl::NR;
   int64_t m, n, K;
   View<SA> A;
   View<SB> B;
   PackedB<T, NR> pb;
-  int64_t nkb, mpanels;
+  int64_t mpanels;
   GemmTiling tl;
   bool pack;
 
   GemmPlan(int64_t m_, int64_t n_, int64_t K_, const View<SA>& A_, const View<SB>& B_)
-      : m(m_), n(n_), K(K_), A(A_), B(B_), pb(K_, n_),
-        nkb(std::max<int64_t>(1, (K_ + pb.kc - 1) / pb.kc)), mpanels((m_ + MR - 1) / MR),
+      : m(m_), n(n_), K(K_), A(A_), B(B_), pb(K_, n_), mpanels((m_ + MR - 1) / MR),
         tl(gemm_tiling(mpanels, pb.npanels)), pack(packs_a<T, SA>(pb.npanels)) {}
 
-  int64_t packing_tasks() const { return K > 0 ? nkb * pb.npanels : 0; }
+  int64_t packing_tasks() const { return pb.packing_tasks(); }
+  void pack_task(int64_t t) const { pb.pack_task(B, t); }
   int64_t tiles() const { return tl.tiles_m * tl.tiles_n; }
   // multiply-adds of tile t (for scheduling the heaviest first)
   double tile_cost(int64_t t) const {
@@ -225,31 +316,7 @@ struct GemmPlan {
   // per-thread scratch: a packed A panel, and a tile's running totals across k-blocks
   size_t a_scratch() const { return size_t(MR * pb.kc); }
   size_t tot_scratch() const {
-    return nkb > 1 ? size_t(tl.row_panels * MR * tl.col_panels * NR) : 0;
-  }
-
-  // Packs panel jp of k-block kb of B (task t = kb * npanels + jp), zero columns past n.
-  void pack_task(int64_t t) const {
-    const int64_t kb = t / pb.npanels, jp = t % pb.npanels;
-    const int64_t k0 = kb * pb.kc, kcs = std::min(pb.kc, K - k0);
-    const int64_t j0 = jp * NR, cols = std::min<int64_t>(NR, n - j0);
-    T* dst = pb.panel(k0, jp);
-    if (B.cs == 1) {
-      for (int64_t k = 0; k < kcs; ++k) {
-        const SB* src = B.p + (k0 + k) * B.rs + j0;
-        T* d = dst + k * NR;
-        for (int64_t j = 0; j < cols; ++j) d[j] = T(src[j]);
-        for (int64_t j = cols; j < NR; ++j) d[j] = T(0);
-      }
-    } else {
-      // a transposed weight: each column's k run is contiguous in memory
-      for (int64_t k = 0; k < kcs; ++k)
-        for (int64_t j = cols; j < NR; ++j) dst[k * NR + j] = T(0);
-      for (int64_t j = 0; j < cols; ++j) {
-        const SB* src = B.p + (j0 + j) * B.cs + k0 * B.rs;
-        for (int64_t k = 0; k < kcs; ++k) dst[k * NR + j] = T(src[k * B.rs]);
-      }
-    }
+    return pb.nkb > 1 ? size_t(tl.row_panels * MR * tl.col_panels * NR) : 0;
   }
 
   // Computes output tile t and hands each finished row segment to epi.
@@ -257,51 +324,9 @@ struct GemmPlan {
   void run_tile(int64_t t, T* ap, T* tot, Epi& epi) const {
     const int64_t pm0 = (t / tl.tiles_n) * tl.row_panels;
     const int64_t jp0 = (t % tl.tiles_n) * tl.col_panels;
-    const int64_t pm1 = std::min(mpanels, pm0 + tl.row_panels);
-    const int64_t jp1 = std::min(pb.npanels, jp0 + tl.col_panels);
-    const int64_t ld = tl.col_panels * NR;
-    for (int64_t kb = 0; kb < nkb; ++kb) {
-      const int64_t k0 = kb * pb.kc, kcs = K > 0 ? std::min(pb.kc, K - k0) : 0;
-      const bool first = kb == 0, last = kb == nkb - 1;
-      for (int64_t pm = pm0; pm < pm1; ++pm) {
-        const int64_t i0 = pm * MR;
-        const int rows = int(std::min<int64_t>(MR, m - i0));
-        // this panel's A operand: packed, or read in place (a full panel of compute-type A)
-        const T* a = ap;
-        int64_t a_rs = 0, a_cs = 0;
-        if (kcs > 0) {
-          bool in_place = false;
-          if constexpr (std::is_same_v<SA, T>) {
-            if (!pack && rows == MR) {
-              a = A.p + i0 * A.rs + k0 * A.cs;
-              a_rs = A.rs;
-              a_cs = A.cs;
-              in_place = true;
-            }
-          }
-          if (!in_place) pack_a<T, MR, SA>(A, m, i0, k0, kcs, ap);
-        }
-        for (int64_t jp = jp0; jp < jp1; ++jp) {
-          V acc[MR][NV];
-          if (kcs > 0) {
-            gemm_ukernel<T, Tl>(kcs, a, a_rs, a_cs, pb.panel(k0, jp), acc);
-          } else {
-            for (int q = 0; q < MR; ++q)
-              for (int v = 0; v < NV; ++v) acc[q][v] = V{};
-          }
-          T* tp = nkb > 1 ? tot + (pm - pm0) * MR * ld + (jp - jp0) * NR : nullptr;
-          for (int q = 0; q < rows; ++q) {
-            V* run = reinterpret_cast<V*>(tp + q * ld);
-            if (!first)
-              for (int v = 0; v < NV; ++v) acc[q][v] = run[v] + acc[q][v];
-            if (last)
-              epi(i0 + q, jp * NR, acc[q]);
-            else
-              for (int v = 0; v < NV; ++v) run[v] = acc[q][v];
-          }
-        }
-      }
-    }
+    gemm_panels<T, Tl, SA>(A, m, pb, pm0, std::min(mpanels, pm0 + tl.row_panels), jp0,
+                           std::min(pb.npanels, jp0 + tl.col_panels), pack, ap, tot,
+                           tl.col_panels * NR, epi);
   }
 };
 
@@ -349,6 +374,33 @@ void gemm(int64_t m, int64_t n, int64_t K, const View<SA>& A, const View<SB>& B,
       gemm_tiled<T, Tile<T, 1, (kGemmVecBytes == 64 ? 24 : 12)>>(m, n, K, A, B, epi);
       break;
   }
+}
+
+// The tile shapes of callers that keep their own packed weights (the bottleneck kernel): wide
+// outputs (d columns) and narrow ones (an adapter's rank).
+template <typename T>
+using WideTile = std::conditional_t<kGemmVecBytes == 64, Tile<T, 4, 6>, Tile<T, 2, 6>>;
+template <typename T>
+using NarrowTile = Tile<T, 2, (kGemmVecBytes == 64 ? 12 : 6)>;
+
+// Scratch of gemm_serial for products over pb with up to `rows` rows of A.
+template <typename T, typename Tl>
+struct SerialScratch {
+  AlignedBuf<T> ap, tot;
+  SerialScratch(const PackedB<T, Tl::NR>& pb, int64_t rows)
+      : ap(size_t(Tl::MR * pb.kc)),
+        tot(pb.nkb > 1 ? size_t(round_up_to(rows, Tl::MR) * pb.npanels * Tl::NR) : 0) {}
+  static int64_t round_up_to(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+};
+
+// Single-threaded: all of epi(A (m x K) @ B), B packed once by the caller (pb). For kernels that
+// run their own parallel loop over row blocks and reuse a packed weight for every block.
+template <typename T, typename Tl, typename SA, typename Epi>
+void gemm_serial(int64_t m, const View<SA>& A, const PackedB<T, Tl::NR>& pb,
+                 SerialScratch<T, Tl>& s, Epi&& epi) {
+  if (m <= 0 || pb.n <= 0) return;
+  gemm_panels<T, Tl, SA>(A, m, pb, 0, (m + Tl::MR - 1) / Tl::MR, 0, pb.npanels,
+                         packs_a<T, SA>(pb.npanels), s.ap.p, s.tot.p, pb.npanels * Tl::NR, epi);
 }
 
 // Many independent products C_p = epis[p](A_p (m_p x K_p) @ B_p (K_p x n_p)) in two parallel
