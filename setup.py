@@ -5,7 +5,9 @@ torch, CMake and a C++ compiler are present; install with `pip install --no-buil
 after torch so the extension compiles against the torch that will import it. If anything is
 missing or the build fails, the install still succeeds as pure Python (a warning says why) and
 pyadapt runs on its reference (and Triton) backends. Set PYADAPT_NO_NATIVE=1 to skip the build;
-MAX_JOBS limits parallel compile jobs. Triton kernels (kernels/) ship as `pyadapt.kernels`, never
+MAX_JOBS limits parallel compile jobs; PYADAPT_CPU_ARCH is the -march target of the CPU kernels
+(default native, the CPU of the building machine; x86-64-v3 gives a portable AVX2 build).
+Triton kernels (kernels/) ship as `pyadapt.kernels`, never
 as a top-level `kernels` module.
 
 CUDA kernels (csrc/cuda) build into a separate module, `pyadapt._C_cuda`, so a CUDA failure never
@@ -129,6 +131,8 @@ class CMakeBuild(build_ext):
                 "-DCMAKE_BUILD_TYPE=Release"]
         if shutil.which("ninja"):
             base += ["-G", "Ninja"]
+        # -march of the CPU kernels (default native; e.g. x86-64-v3 for a portable AVX2 build)
+        base += [f"-DPYADAPT_CPU_ARCH={os.environ.get('PYADAPT_CPU_ARCH', 'native')}"]
         mode = _cuda_mode()
         jobs = os.environ.get("MAX_JOBS", "2")
         start = time.time()
