@@ -39,6 +39,8 @@ def measure(op: str, preset_name: str, impls: list[str], passes: list[str], roun
     errors = {impl: max(_common.check(work, run, impl).values()) for impl, run in runs.items()}
     out = {"op": op, "preset": preset_name, "device": preset.device, "dtype": str(dtype),
            "rounds": rounds, "threads": torch.get_num_threads(), "passes": {}}
+    if not work.has_backward:  # e.g. fold: nothing to back-propagate
+        passes = [p for p in passes if p != "forward+backward"]
     for pass_ in passes:
         with_backward = pass_ == "forward+backward"
         args = _common.fresh_args(work.args, work.grads)

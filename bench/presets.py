@@ -108,6 +108,8 @@ PRESETS: Tuple[Preset, ...] = (
        m=4 * VIT_B16_IMAGE_TOKENS, d_in=768, d_out=768, rank=16, alpha=16.0, sites=1),
     _p("lowrank", "lora-r16-m4096", "cpu", "issue 5's CPU target shape: LoRA r 16, 768 x 768",
        m=4096, d_in=768, d_out=768, rank=16, alpha=16.0, sites=1),
+    _p("lowrank", "lora-r32-m4096", "cpu", "issue 5's CPU target shape at the bottleneck's r 32",
+       m=4096, d_in=768, d_out=768, rank=32, alpha=32.0, sites=1),
     _p("lowrank", "cp-R64-6proj-b1f2", "cpu", "Aurora Tucker R 64, 6 projections, 2 frames",
        m=2 * VIT_B16_IMAGE_TOKENS, d_in=768, d_out=768, rank=64, sites=6, core=True),
     _p("lowrank", "lora-r16-vitb16-qkv-b128", "cuda", "LoRA r 16, 768 x 768, 128 x 197 tokens",

@@ -12,6 +12,8 @@ the blocked sum's constant): |out - exact| <= (K + 4) * eps * (|alpha| |a| @ |b|
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -153,3 +155,24 @@ def test_rejects_mismatched_shapes_and_dtypes():
         gemm(torch.randn(3, 4), torch.randn(5, 6), out=torch.empty(3, 6))
     with pytest.raises(RuntimeError, match="float32 or float64"):
         gemm(torch.randn(3, 4), torch.randn(4, 6).double(), out=torch.empty(3, 6))
+
+
+def test_built_kernels_are_vector_fma_code():
+    """The CPU kernels are written with GCC vector types and rely on the compiler to emit packed
+    FMAs (DESIGN: vectorisation checked in the assembly). A build that lost its -march target
+    would compile them to SSE pairs without FMA: the disassembly of pyadapt._C must hold
+    hundreds of packed FMAs on 32- or 64-byte registers."""
+    import platform
+    import shutil
+    import subprocess
+
+    from pyadapt import _C
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86-64 code check")  # other architectures: different instruction names
+    objdump = shutil.which("objdump")
+    assert objdump, "objdump (binutils, installed with gcc) is needed to inspect the build"
+    asm = subprocess.run([objdump, "-d", "--no-show-raw-insn", _C.__file__], check=True,
+                         capture_output=True, text=True).stdout
+    packed = re.findall(r"\bvfmadd\d{3}p[sd]\b[^\n]*%[yz]mm", asm)
+    assert len(packed) >= 200, f"only {len(packed)} packed ymm/zmm FMAs in {_C.__file__}"
