@@ -11,7 +11,10 @@
 // = c P and dscale = <P, W_f> (<P, W_u>), so q is never formed in the backward; in the
 // low-rank form z is not either (t and dW_d come from x through the small W_d W_o, W_d b_o),
 // which leaves dx as the backward's only large GEMM.
-// Every GEMM is a tiled_gemm (linear_common.h): bit-identical across runs and thread counts.
+// Adapter dropping zeroes whole samples (row_scale 0; p = 0.2 in the shipped runs): a dropped
+// row's output is z and its adapter gradient is zero, so the adapter's products (q, P and
+// g_row W_f) run on the kept rows only, gathered into compact matrices.
+// Every GEMM is gemm.h's (through tiled_gemm): bit-identical across runs and thread counts.
 // bf16/fp16 storage computes in float32 and rounds once (the Python glue casts the results).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -59,6 +62,19 @@ Inputs prepare(const at::Tensor& x, const at::Tensor& Wo, const c10::optional<at
 
 bool fold_pays(const Inputs& in) { return in.d_in <= in.M; }
 
+// The rows whose adapter output is kept (row_scale != 0), as an int64 index tensor; undefined
+// when every row is kept (or there is no row_scale): then the products run on all rows.
+at::Tensor kept_rows(const Inputs& in) {
+  if (!in.rs.defined()) return at::Tensor();
+  at::Tensor kept = in.rs.ne(0).nonzero().view(-1);
+  return kept.size(0) == in.M ? at::Tensor() : kept;
+}
+
+// t's kept rows (t itself when all are kept).
+at::Tensor take(const at::Tensor& t, const at::Tensor& kept) {
+  return kept.defined() ? t.index_select(0, kept) : t;
+}
+
 // out = v + c W_f v for a (d_out x n) matrix v, with W_f = W_u W_d in the low-rank form.
 at::Tensor apply_adapter_to_columns(const Inputs& in, const at::Tensor& v, double c) {
   at::Tensor out = at::empty_like(v);
@@ -100,9 +116,11 @@ at::Tensor radapter_forward_cpu(const at::Tensor& x_, const at::Tensor& Wo_,
     tiled_gemm(y, t, last.t(), Init::Matrix, z, 1.0, c);  // y = z + c q
     return y;
   }
-  at::Tensor q = det_mm(t, last.t());
-  scale_rows(q, in.rs * c);
-  return z.add_(q);
+  const at::Tensor kept = kept_rows(in);
+  if (kept.defined() && kept.size(0) == 0) return z;  // every row dropped: y = z
+  at::Tensor q = det_mm(take(t, kept), last.t());
+  scale_rows(q, take(in.rs, kept) * c);
+  return kept.defined() ? z.index_add_(0, kept, q) : z.add_(q);
 }
 
 // Training forward of the full-rank form: y, and z and q (compute dtype) for the backward,
@@ -124,16 +142,18 @@ std::vector<at::Tensor> radapter_forward_saving_cpu(
     return {e, e.clone(), e.clone()};
   }
   at::Tensor z = det_linear(in.x, in.Wo.t(), in.bo);
-  at::Tensor q = det_mm(z, in.Wf.t());
-  at::Tensor y;
-  if (in.rs.defined()) {
-    at::Tensor cq = q.clone();
-    scale_rows(cq, in.rs * c);
-    y = z.add(cq);
-  } else {
-    y = z.add(q, c);
+  if (!in.rs.defined()) {
+    at::Tensor q = det_mm(z, in.Wf.t());
+    return {z.add(q, c), z, q};
   }
-  return {y, z, q};
+  // q of the kept rows; a dropped row's q stays zero (the backward reads only kept rows)
+  const at::Tensor kept = kept_rows(in);
+  at::Tensor q_kept = det_mm(take(z, kept), in.Wf.t());
+  at::Tensor cq = q_kept.clone();
+  scale_rows(cq, take(in.rs, kept) * c);
+  if (!kept.defined()) return {z.add(cq), z, q_kept};
+  at::Tensor q = at::zeros_like(z).index_copy_(0, kept, q_kept);
+  return {z.clone().index_add_(0, kept, cq), z, q};
 }
 
 // [dx, dW_o, db_o, dW_f, dW_d, dW_u, dscale] in the compute dtype; empty where not needed.
@@ -152,10 +172,13 @@ std::vector<at::Tensor> radapter_backward_cpu(
   at::Tensor g = in_compute(gy_, in.ct);
   at::Tensor empty = at::empty({0}, in.x.options());
   std::vector<at::Tensor> out(7, empty);
-  at::Tensor g_row = g;
+  // g_row = row_scale * g on the rows the adapter's products see: the kept rows (compact) in
+  // the full-rank form, every row in the low-rank form (its products are r wide: no gain)
+  const at::Tensor kept = in.full ? kept_rows(in) : at::Tensor();
+  at::Tensor g_row = take(g, kept);
   if (in.rs.defined()) {
-    g_row = g.clone();
-    scale_rows(g_row, in.rs);
+    if (!kept.defined()) g_row = g.clone();
+    scale_rows(g_row, take(in.rs, kept));
   }
   const bool need_dz = need_Wo || need_bo || (need_x && (in.rs.defined() || !fold_pays(in)));
 
@@ -172,13 +195,15 @@ std::vector<at::Tensor> radapter_backward_cpu(
   auto wide = [&](const at::Tensor& t) {
     return need_scale && !have_saved ? t.to(at::kDouble) : t;
   };
-  at::Tensor z;
+  at::Tensor z;  // z of the kept rows
   if (in.full && (need_Wf || need_scale))
-    z = have_saved ? saved_z->contiguous() : det_linear(in.x, in.Wo.t(), in.bo);
+    z = have_saved ? take(saved_z->contiguous(), kept)
+                   : det_linear(take(in.x, kept), in.Wo.t(), in.bo);
   at::Tensor dz;
   if (in.full) {
     if (have_saved && need_scale)
-      out[6] = at::scalar_tensor(dot_all(g_row, *saved_q), in.x.options());
+      out[6] = at::scalar_tensor(dot_all(g_row, take(saved_q->contiguous(), kept)),
+                                 in.x.options());
     if (need_Wf || (need_scale && !have_saved)) {
       at::Tensor P = det_mm(wide(g_row).t(), wide(z));  // (d_out x d_out)
       if (need_scale && !have_saved)
@@ -186,8 +211,11 @@ std::vector<at::Tensor> radapter_backward_cpu(
       if (need_Wf) out[3] = P.mul_(c).to(in.ct);
     }
     if (need_dz) {
-      dz = at::empty_like(g);
-      tiled_gemm(dz, g_row, in.Wf, Init::Matrix, g, 1.0, c);  // dz = g + c g_row W_f
+      // dz = g + c g_row W_f on the kept rows; a dropped row's dz is g
+      at::Tensor g_kept = take(g, kept);
+      at::Tensor dz_kept = at::empty_like(g_kept);
+      tiled_gemm(dz_kept, g_row, in.Wf, Init::Matrix, g_kept, 1.0, c);
+      dz = kept.defined() ? g.clone().index_copy_(0, kept, dz_kept) : dz_kept;
     }
   } else {
     // z = x W_o^T + b_o is never formed here: t = z W_d^T = x (W_d W_o)^T + W_d b_o and
