@@ -221,7 +221,7 @@ void gemm_panels(const View<SA>& A, int64_t m, const PackedB<T, Tl::NR>& pb, int
       if (kcs > 0) {
         bool in_place = false;
         if constexpr (std::is_same_v<SA, T>) {
-          if (!pack && rows == MR) {
+          if (!pack && rows == MR && A.rs != 0) {  // (a_rs = 0 would read as packed)
             a = A.p + i0 * A.rs + k0 * A.cs;
             a_rs = A.rs;
             a_cs = A.cs;
