@@ -26,7 +26,8 @@ from .ops import available_backends, current_backend, set_backend, use_backend
 
 
 def build_info() -> dict:
-    """What this install can run: backends, native extension, versions."""
+    """What this install can run: backends, native extension, versions, and whether `auto`
+    has measurements for the current CUDA device (`auto_choice`; ops.auto_choice() per op)."""
     import torch
 
     try:
@@ -45,6 +46,7 @@ def build_info() -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda_available": torch.cuda.is_available(),
+        "auto_choice": ops._registry.measured_device(),
     }
 
 

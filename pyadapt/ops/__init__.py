@@ -6,8 +6,8 @@ weight folding) and `mpm_nce` (the loss). Each registers its backends with `_reg
 checked entry points below are what the modules call.
 """
 
-from ._registry import (available_backends, backend_for, current_backend, kernel_table,
-                        set_backend, use_backend)
+from ._registry import (auto_choice, available_backends, backend_for, current_backend,
+                        kernel_table, set_backend, use_backend)
 from .bank import bank_bottleneck, mma_pair
 from .bank_linear import bank_linear
 from .bottleneck import bottleneck
@@ -23,8 +23,8 @@ CUSTOM_OPS = ("bottleneck_forward", "bottleneck_forward_saving", "bottleneck_bac
               "mma_pair_forward", "mma_pair_backward", "bank_linear_forward",
               "bank_linear_backward")
 
-__all__ = ["CUSTOM_OPS", "available_backends", "backend_for", "bank_bottleneck", "bank_linear",
-           "bottleneck", "current_backend", "fold", "kernel_table", "lowrank_linear", "mma_pair",
-           "mpm_nce", "radapter", "set_backend", "use_backend"]
+__all__ = ["CUSTOM_OPS", "auto_choice", "available_backends", "backend_for", "bank_bottleneck",
+           "bank_linear", "bottleneck", "current_backend", "fold", "kernel_table",
+           "lowrank_linear", "mma_pair", "mpm_nce", "radapter", "set_backend", "use_backend"]
 
 from . import _cuda_backend  # noqa: E402,F401  (the `cuda` backend, when pyadapt._C_cuda loaded)

@@ -51,7 +51,7 @@ def bank_bottleneck_forward(x: Tensor, residual: Optional[Tensor], ids: Tensor,
                             up_weight: Tensor, up_bias: Optional[Tensor], scale: Tensor,
                             activation: str, grad_scale_invariant: bool, dropout_p: float = 0.0,
                             seed: Optional[Tensor] = None) -> Tensor:
-    fn = kernel_for("bank_bottleneck_forward", x.device.type)
+    fn = kernel_for("bank_bottleneck_forward", x.device)
     return fn(x, residual, ids, down_weight, down_bias, shared_weight, shared_bias, up_weight,
               up_bias, scale, activation, dropout_p, seed).contiguous()
 
@@ -71,7 +71,7 @@ def bank_bottleneck_backward(grad_y: Tensor, x: Tensor, ids: Tensor, has_residua
                              activation: str, grad_scale_invariant: bool,
                              needs: List[bool], dropout_p: float = 0.0,
                              seed: Optional[Tensor] = None) -> List[Tensor]:
-    fn = kernel_for("bank_bottleneck_backward", x.device.type)
+    fn = kernel_for("bank_bottleneck_backward", x.device)
     return fn(grad_y, x, ids, has_residual, down_weight, down_bias, shared_weight, shared_bias,
               up_weight, up_bias, scale, activation, grad_scale_invariant, needs, dropout_p, seed)
 
@@ -392,7 +392,7 @@ def mma_pair_forward(x_v: Tensor, res_v: Optional[Tensor], down_v: Tensor,
                      shared_w: Tensor, shared_b: Optional[Tensor], scale_v: Optional[Tensor],
                      scale_value_v: float, scale_t: Optional[Tensor], scale_value_t: float,
                      activation: str, grad_scale_invariant: bool) -> List[Tensor]:
-    fn = kernel_for("mma_pair_forward", x_v.device.type)
+    fn = kernel_for("mma_pair_forward", x_v.device)
     y_v, y_t = fn(x_v, res_v, down_v, down_b_v, up_v, up_b_v, x_t, res_t, down_t, down_b_t, up_t,
                   up_b_t, shared_w, shared_b, scale_v, scale_value_v, scale_t, scale_value_t,
                   activation)
@@ -415,7 +415,7 @@ def mma_pair_backward(g_v: Tensor, g_t: Tensor, x_v: Tensor, has_res_v: bool, do
                       shared_b: Optional[Tensor], scale_v: Optional[Tensor], scale_value_v: float,
                       scale_t: Optional[Tensor], scale_value_t: float, activation: str,
                       grad_scale_invariant: bool, needs: List[bool]) -> List[Tensor]:
-    fn = kernel_for("mma_pair_backward", x_v.device.type)
+    fn = kernel_for("mma_pair_backward", x_v.device)
     grads = fn(g_v, g_t, x_v, has_res_v, down_v, down_b_v, up_v, up_b_v, x_t, has_res_t, down_t,
                down_b_t, up_t, up_b_t, shared_w, shared_b, scale_v, scale_value_v, scale_t,
                scale_value_t, activation, grad_scale_invariant)

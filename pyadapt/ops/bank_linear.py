@@ -34,7 +34,7 @@ Tensor = torch.Tensor
 
 @torch.library.custom_op("pyadapt::bank_linear_forward", mutates_args=())
 def bank_linear_forward(z: Tensor, ids: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
-    fn = kernel_for("bank_linear_forward", z.device.type)
+    fn = kernel_for("bank_linear_forward", z.device)
     return fn(z, ids, weight, scale).contiguous()
 
 
@@ -46,7 +46,7 @@ def _(z, ids, weight, scale):
 @torch.library.custom_op("pyadapt::bank_linear_backward", mutates_args=())
 def bank_linear_backward(grad_y: Tensor, z: Tensor, ids: Tensor, weight: Tensor, scale: Tensor,
                          needs: List[bool]) -> List[Tensor]:
-    fn = kernel_for("bank_linear_backward", z.device.type)
+    fn = kernel_for("bank_linear_backward", z.device)
     return fn(grad_y, z, ids, weight, scale, needs)
 
 

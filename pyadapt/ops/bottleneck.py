@@ -34,7 +34,7 @@ def bottleneck_forward(x: Tensor, residual: Optional[Tensor], down_weight: Tenso
                        scale: Optional[Tensor], scale_value: float, row_scale: Optional[Tensor],
                        seed: Optional[Tensor], activation: str, dropout_p: float,
                        grad_scale_invariant: bool) -> Tensor:
-    fn = kernel_for("bottleneck_forward", x.device.type)
+    fn = kernel_for("bottleneck_forward", x.device)
     return fn(x, residual, down_weight, down_bias, shared_weight, shared_bias, up_weight, up_bias,
               scale, scale_value, row_scale, seed, activation, dropout_p).contiguous()
 
@@ -54,7 +54,7 @@ def bottleneck_backward(grad_y: Tensor, x: Tensor, has_residual: bool, down_weig
                         row_scale: Optional[Tensor], seed: Optional[Tensor], activation: str,
                         dropout_p: float, grad_scale_invariant: bool, needs: List[bool],
                         saved_pre: Optional[Tensor] = None) -> List[Tensor]:
-    fn = kernel_for("bottleneck_backward", x.device.type)
+    fn = kernel_for("bottleneck_backward", x.device)
     return fn(grad_y, x, has_residual, down_weight, down_bias, shared_weight, shared_bias,
               up_weight, up_bias, scale, scale_value, row_scale, seed, activation, dropout_p,
               grad_scale_invariant, needs, saved_pre)
@@ -119,12 +119,11 @@ def bottleneck_forward_saving(x: Tensor, residual: Optional[Tensor], down_weight
                               grad_scale_invariant: bool) -> Tuple[Tensor, Tensor]:
     args = (x, residual, down_weight, down_bias, shared_weight, shared_bias, up_weight, up_bias,
             scale, scale_value, row_scale, seed, activation, dropout_p)
-    saving = kernel_of("bottleneck_forward_saving", backend_for("bottleneck_forward",
-                                                                x.device.type))
+    saving = kernel_of("bottleneck_forward_saving", backend_for("bottleneck_forward", x.device))
     if saving is not None:
         y, pre = saving(*args)
     else:   # this backend has no saving kernel: its y, the pre-activations in torch
-        y = kernel_for("bottleneck_forward", x.device.type)(*args)
+        y = kernel_for("bottleneck_forward", x.device)(*args)
         pre = _pre_activations(x, down_weight, down_bias, shared_weight, shared_bias, activation)
     return y.contiguous(), pre.contiguous()
 
@@ -268,7 +267,7 @@ def _saves_pre_activations(x: Tensor, args) -> bool:
     (its graph holds the plain op) and not when no gradient will be taken."""
     return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args)
-            and backend_for("bottleneck_forward", x.device.type) == "cpu")
+            and backend_for("bottleneck_forward", x.device) == "cpu")
 
 
 # triton backend (kernels/bottleneck.py), when triton imports

@@ -21,8 +21,8 @@ Tensor = torch.Tensor
 @torch.library.custom_op("pyadapt::fold_weights", mutates_args=())
 def fold_weights(weights: List[Tensor], lefts: List[Tensor], rights: List[Tensor],
                  scales: Tensor) -> List[Tensor]:
-    device_type = weights[0].device.type if weights else "cpu"
-    return kernel_for("fold_weights", device_type)(weights, lefts, rights, scales)
+    device = weights[0].device if weights else "cpu"
+    return kernel_for("fold_weights", device)(weights, lefts, rights, scales)
 
 
 @fold_weights.register_fake

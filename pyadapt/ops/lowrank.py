@@ -25,7 +25,7 @@ Tensor = torch.Tensor
 def lowrank_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], down: Tensor,
                     core: Optional[Tensor], up: Tensor, scale: float, seed: Optional[Tensor],
                     dropout_p: float, dropout_after_core: bool) -> Tensor:
-    fn = kernel_for("lowrank_forward", x.device.type)
+    fn = kernel_for("lowrank_forward", x.device)
     y = fn(x, weight, bias, down, core, up, scale, seed, dropout_p, dropout_after_core)
     return y.contiguous()
 
@@ -40,7 +40,7 @@ def lowrank_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[T
                      down: Tensor, core: Optional[Tensor], up: Tensor, scale: float,
                      seed: Optional[Tensor], dropout_p: float, dropout_after_core: bool,
                      needs: List[bool]) -> List[Tensor]:
-    fn = kernel_for("lowrank_backward", x.device.type)
+    fn = kernel_for("lowrank_backward", x.device)
     return fn(grad_y, x, weight, bias, down, core, up, scale, seed, dropout_p, dropout_after_core,
               needs)
 

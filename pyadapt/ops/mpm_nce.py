@@ -21,7 +21,7 @@ Tensor = torch.Tensor
 @torch.library.custom_op("pyadapt::mpm_nce_forward", mutates_args=())
 def mpm_nce_forward(image: Tensor, text: Tensor, positives: Tensor, logit_scale: float,
                     margin: float, label_smoothing: float) -> Tensor:
-    fn = kernel_for("mpm_nce_forward", image.device.type)
+    fn = kernel_for("mpm_nce_forward", image.device)
     return fn(image, text, positives, logit_scale, margin, label_smoothing)
 
 
@@ -34,7 +34,7 @@ def _(image, text, positives, logit_scale, margin, label_smoothing):
 def mpm_nce_backward(grad_loss: Tensor, image: Tensor, text: Tensor, positives: Tensor,
                      logit_scale: float, margin: float, label_smoothing: float,
                      needs: List[bool]) -> List[Tensor]:
-    fn = kernel_for("mpm_nce_backward", image.device.type)
+    fn = kernel_for("mpm_nce_backward", image.device)
     return fn(grad_loss, image, text, positives, logit_scale, margin, label_smoothing, needs)
 
 

@@ -26,7 +26,7 @@ def radapter_forward(x: Tensor, base_weight: Tensor, base_bias: Optional[Tensor]
                      full_weight: Optional[Tensor], down_weight: Optional[Tensor],
                      up_weight: Optional[Tensor], scale: Optional[Tensor], scale_value: float,
                      row_scale: Optional[Tensor]) -> Tensor:
-    fn = kernel_for("radapter_forward", x.device.type)
+    fn = kernel_for("radapter_forward", x.device)
     return fn(x, base_weight, base_bias, full_weight, down_weight, up_weight, scale, scale_value,
               row_scale).contiguous()
 
@@ -44,7 +44,7 @@ def radapter_backward(grad_y: Tensor, x: Tensor, base_weight: Tensor, base_bias:
                       row_scale: Optional[Tensor], needs: List[bool],
                       saved_z: Optional[Tensor] = None,
                       saved_q: Optional[Tensor] = None) -> List[Tensor]:
-    fn = kernel_for("radapter_backward", x.device.type)
+    fn = kernel_for("radapter_backward", x.device)
     return fn(grad_y, x, base_weight, base_bias, full_weight, down_weight, up_weight, scale,
               scale_value, row_scale, needs, saved_z, saved_q)
 
@@ -93,12 +93,11 @@ def radapter_forward_saving(x: Tensor, base_weight: Tensor, base_bias: Optional[
                             row_scale: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     args = (x, base_weight, base_bias, full_weight, down_weight, up_weight, scale, scale_value,
             row_scale)
-    saving = kernel_of("radapter_forward_saving", backend_for("radapter_forward",
-                                                              x.device.type))
+    saving = kernel_of("radapter_forward_saving", backend_for("radapter_forward", x.device))
     if saving is not None:
         y, z, q = saving(*args)
     else:   # this backend has no saving kernel: its y, z and q in torch
-        y = kernel_for("radapter_forward", x.device.type)(*args)
+        y = kernel_for("radapter_forward", x.device)(*args)
         z, q = _z_and_q(x, base_weight, base_bias, full_weight)
     return y.contiguous(), z.contiguous(), q.contiguous()
 
@@ -218,7 +217,7 @@ def _trains_on_cpu_backend(x: Tensor, args) -> bool:
     op; not without a gradient to take)."""
     return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args)
-            and backend_for("radapter_forward", x.device.type) == "cpu")
+            and backend_for("radapter_forward", x.device) == "cpu")
 
 
 # triton backend (kernels/radapter.py), when triton imports
