@@ -11,7 +11,9 @@ why, and no op lists a `cuda` kernel. Either way, the glue runs the reference fo
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -174,3 +176,79 @@ def test_device_helpers_match_the_reference(tmp_path):
         assert d64 == pytest.approx(ref_d, rel=1e-13, abs=1e-15), (a, h)
         assert f32 == pytest.approx(ref_f, rel=1e-6, abs=1e-7), (a, h)
         assert d32 == pytest.approx(ref_d, rel=1e-6, abs=1e-7), (a, h)
+
+
+FUSED_KERNELS = ("bottleneck_fused_forward_kernel", "bottleneck_fused_backward_kernel")
+
+
+def _cuobjdump():
+    """cuobjdump beside the CUDA compiler, on PATH, or the copy triton ships (None: none)."""
+    candidates = []
+    nvcc = _nvcc()
+    if nvcc is not None:
+        candidates.append(os.path.join(os.path.dirname(os.path.realpath(nvcc)), "cuobjdump"))
+    candidates.append(shutil.which("cuobjdump"))
+    triton = importlib.util.find_spec("triton")
+    if triton is not None and triton.submodule_search_locations:
+        candidates.append(os.path.join(triton.submodule_search_locations[0], "backends", "nvidia",
+                                       "bin", "cuobjdump"))
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def _sass_functions(sass: str) -> dict:
+    """Mangled function name -> its SASS, from `cuobjdump -sass` output."""
+    functions = {}
+    for block in sass.split("Function : ")[1:]:
+        name, _, body = block.partition("\n")
+        functions[name.strip()] = body
+    return functions
+
+
+def test_fused_bottleneck_kernels_use_tensor_cores():
+    """Every instance of the fused bottleneck kernels (csrc/cuda/bottleneck_fused.cu) in the built
+    module computes on tensor cores: its SASS has HMMA instructions, for each configured
+    architecture from sm_80 on (sm_90 in CI; the kernels need sm_80's bf16 MMA and cp.async)."""
+    if not _configured_with_cuda():
+        pytest.skip("the CUDA module is not configured here (see "
+                    "test_cuda_module_matches_the_build_configuration)")
+    tool = _cuobjdump()
+    assert tool is not None, ("no cuobjdump beside nvcc, on PATH or in triton's CUDA tools: "
+                              "cannot read the module's SASS")
+    built = glob.glob(os.path.join(os.path.dirname(pyadapt.__file__), "_C_cuda*"))
+    assert len(built) == 1, built
+    archs = []
+    for entry in _cache_entries().get("PYADAPT_CUDA_ARCHS", "").split(";"):
+        match = re.match(r"\d+", entry.strip())
+        if match and int(match.group()) >= 80:
+            archs.append(match.group())
+    if not archs:
+        pytest.skip("no architecture from sm_80 on is configured: the fused kernels are not used")
+    for arch in archs:
+        sass = subprocess.run([tool, "-sass", "-arch", f"sm_{arch}", built[0]],
+                              capture_output=True, text=True, check=True).stdout
+        functions = _sass_functions(sass)
+        for kernel in FUSED_KERNELS:
+            instances = {name: body for name, body in functions.items() if kernel in name}
+            # bfloat16 and float16, r padded to 32, 64 and 128
+            assert len(instances) == 6, f"sm_{arch}: {kernel} instances {sorted(instances)}"
+            for name, body in instances.items():
+                assert "HMMA" in body, f"sm_{arch}: no tensor-core instruction in {name}"
+
+
+def test_fused_switch_reads_the_environment(monkeypatch):
+    """PYADAPT_CUDA_FUSED=0 turns the fused bottleneck kernels off; unset or 1, on. The module
+    reads it once; the fused_from_env op re-reads it (no GPU needed)."""
+    if not _configured_with_cuda():
+        pytest.skip("the CUDA module is not configured here")
+    assert _native_cuda.available, _native_cuda.error
+    fused_from_env = _native_cuda.ops().fused_from_env
+    try:
+        monkeypatch.setenv("PYADAPT_CUDA_FUSED", "0")
+        assert fused_from_env() is False
+        monkeypatch.setenv("PYADAPT_CUDA_FUSED", "1")
+        assert fused_from_env() is True
+        monkeypatch.delenv("PYADAPT_CUDA_FUSED")
+        assert fused_from_env() is True
+    finally:
+        monkeypatch.undo()
+        fused_from_env()

@@ -3,6 +3,10 @@ the float64 reference on fresh random data, odd sizes (M = 0, rows not a multipl
 d not a power of two, r from 1 to 128), all four dtypes, both vector and scalar memory paths,
 poisoned allocator memory, bit-identical reruns, and argument checks.
 
+The bottleneck op has two CUDA paths: the fused tensor-core kernels (csrc/cuda/bottleneck_fused.cu:
+bfloat16 / float16, 1 <= r <= 128, d a multiple of 8, 16-byte aligned rows) and the cuBLAS path
+(everything else, or PYADAPT_CUDA_FUSED=0); the `fused_switch` fixture picks one.
+
 GPU only (marker `gpu`, deselected on CPU by pyproject's addopts): run with `pytest -m gpu`. On
 a machine without CUDA, or where pyadapt._C_cuda did not load, these tests fail, never skip.
 """
@@ -34,6 +38,21 @@ def _cuda_backend():
     with use_backend("cuda"):
         yield
     torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+@pytest.fixture
+def fused_switch(monkeypatch):
+    """set_fused(on) sets PYADAPT_CUDA_FUSED to 1 / 0 and has pyadapt._C_cuda re-read it (it
+    reads it once otherwise); after the test the environment and the module's setting return."""
+    ops = _native_cuda.ops()
+
+    def set_fused(on):
+        monkeypatch.setenv("PYADAPT_CUDA_FUSED", "1" if on else "0")
+        assert ops.fused_from_env() is on
+
+    yield set_fused
+    monkeypatch.undo()
+    ops.fused_from_env()
 
 
 def _poison_allocator():
@@ -167,9 +186,11 @@ def test_bottleneck_dropout_mask_is_the_reference_mask():
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
-def test_bottleneck_scalar_path_misaligned(dtype):
+def test_bottleneck_scalar_path_misaligned(dtype, fused_switch):
     """A residual whose rows are not 16-byte aligned takes the one-element epilogue: same bits.
-    (x stays aligned: cuBLAS may pick another GEMM kernel for a misaligned operand.)"""
+    (x stays aligned: cuBLAS may pick another GEMM kernel for a misaligned operand. The cuBLAS
+    path: the fused kernels would serve only the aligned call.)"""
+    fused_switch(False)
     m, d, r = 33, 64, 8
     x, p, res, rs, _ = _bottleneck_inputs(m, d, r, False, True, True, False, True, dtype)
     args = (x, p["down_weight"], p["down_bias"], p["up_weight"], p["up_bias"])
@@ -198,6 +219,182 @@ def test_bottleneck_bit_identical_reruns():
     first, second = run(), run()
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# bottleneck on the fused tensor-core kernels
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+FUSED_KERNELS = ("bottleneck_fused_forward_kernel", "bottleneck_fused_backward_kernel")
+GRAD_NAMES = ["x", "down_weight", "down_bias", "shared_weight", "shared_bias", "up_weight",
+              "up_bias", "scale"]
+# Together these cover every activation, and each option on and off.
+FUSED_CONFIGS = [
+    # shared, activation, dropout, residual, row_scale, learnable scale, biases, gsi
+    (False, "relu", 0.0, False, False, False, True, False),
+    (True, "gelu", 0.2, True, True, True, True, False),
+    (False, "quick_gelu", 0.3, True, False, True, False, True),
+    (True, "silu", 0.0, False, True, False, True, True),
+    (False, "identity", 0.1, False, True, True, True, False),
+    (True, "relu", 0.5, True, False, False, False, False),
+]
+FUSED_ROWS = (0, 1, 63, 64, 65, 1000)  # around the 64-row block of the kernels
+
+
+def _config_id(config):
+    shared, act, p_drop, residual, row_scale, learnable, biases, gsi = config
+    flags = [("shared", shared), ("res", residual), ("rs", row_scale), ("learn", learnable),
+             ("bias", biases), ("gsi", gsi)]
+    return "-".join([act, f"p{p_drop}"] + [name for name, on in flags if on])
+
+
+def _fused_case(m, d, r, config, dtype):
+    """One bottleneck problem: run() -> (y, {input name: gradient}) through the op on whichever
+    CUDA path is selected, and reference_in(cast) -> the same from pyadapt.reference on the
+    inputs cast by `cast` (float64, or as stored for the eager baseline)."""
+    shared, act, p_drop, residual, row_scale, learnable, biases, gsi = config
+    x, p, res, rs, scale = _bottleneck_inputs(m, d, r, shared, residual, row_scale, learnable,
+                                              biases, dtype)
+    seed = torch.tensor(2468, dtype=torch.int64, device="cuda")
+    g = _rand(m, d, dtype=dtype)
+    options = dict(activation=act, dropout_p=p_drop, seed=seed, row_scale=rs)
+
+    def run():
+        leaves = {"x": _leaf(x), **{k: None if v is None else _leaf(v) for k, v in p.items()},
+                  "scale": _leaf(scale) if learnable else None}
+        _poison_allocator()
+        y = bottleneck(leaves["x"], leaves["down_weight"], leaves["down_bias"],
+                       leaves["up_weight"], leaves["up_bias"], leaves["shared_weight"],
+                       leaves["shared_bias"], residual=res,
+                       scale=leaves["scale"] if learnable else scale,
+                       grad_scale_invariant=gsi, **options)
+        present = [n for n in GRAD_NAMES if leaves[n] is not None]
+        _poison_allocator()
+        grads = torch.autograd.grad(y, [leaves[n] for n in present], g)
+        return y, dict(zip(present, grads))
+
+    def reference_in(cast):
+        sc = cast(scale) if learnable else scale
+        weights = (cast(p["down_weight"]), cast(p["down_bias"]), cast(p["up_weight"]),
+                   cast(p["up_bias"]), cast(p["shared_weight"]), cast(p["shared_bias"]))
+        y_ref = reference.bottleneck_forward(
+            cast(x), *weights, residual=cast(res), scale=sc, activation_name=act,
+            dropout_p=p_drop, seed=seed, row_scale=cast(rs))
+        g_ref = reference.bottleneck_backward(
+            cast(g), cast(x), *weights, has_residual=residual, scale=sc, activation_name=act,
+            dropout_p=p_drop, seed=seed, row_scale=cast(rs), grad_scale_invariant=gsi)
+        return y_ref, dict(zip(GRAD_NAMES, g_ref))
+
+    return run, reference_in
+
+
+def _kernels_launched(fn):
+    """Names of the CUDA kernels fn launches (torch.profiler)."""
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = {event.name for event in prof.events()}
+    assert names, "torch.profiler recorded no CUDA kernel (is CUPTI available?)"
+    return names
+
+
+def _ran_fused(names):
+    return {k: any(k in name for name in names) for k in FUSED_KERNELS}
+
+
+@pytest.mark.parametrize("config", FUSED_CONFIGS, ids=_config_id)
+@pytest.mark.parametrize("d", (8, 104, 768))
+@pytest.mark.parametrize("r", (1, 7, 32, 64, 128))
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_fused_bottleneck_against_float64(dtype, r, d, config, fused_switch):
+    """y and every gradient of the fused kernels against the float64 reference, and at most 2x
+    the error of eager PyTorch in the same dtype, for M around the 64-row block (0 included)."""
+    fused_switch(True)
+    for m in FUSED_ROWS:
+        run, reference_in = _fused_case(m, d, r, config, dtype)
+        y, grads = run()
+        y_ref, g_ref = reference_in(_f64)
+        y_base, g_base = reference_in(lambda t: None if t is None else t.detach())
+        assert y.dtype == dtype and y.shape == (m, d)
+        assert_close_rel(y, y_ref, dtype, f"M={m}: y", baseline=y_base)
+        for name, grad in grads.items():
+            assert grad.dtype == dtype, f"M={m}: grad {name} is {grad.dtype}"
+            assert_close_rel(grad, g_ref[name].reshape(grad.shape), dtype, f"M={m}: grad {name}",
+                             baseline=g_base[name])
+
+
+@pytest.mark.parametrize("config", FUSED_CONFIGS, ids=_config_id)
+@pytest.mark.parametrize("m,d,r", [(1000, 768, 32), (65, 104, 7), (130, 8, 128)])
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_fused_path_equals_cublas_path(dtype, m, d, r, config, fused_switch):
+    """The fused kernels and the cuBLAS path (PYADAPT_CUDA_FUSED=0) on the same inputs: y and
+    every gradient agree within the dtype's tolerance plus the cuBLAS path's own error against
+    float64. (The cuBLAS path rounds to the storage type after every step, as eager PyTorch
+    does; where that costs more than the tolerance, e.g. ReLU derivatives flipped by rounded
+    pre-activations behind a shared layer, or dscale, a sum with heavy cancellation, the two
+    paths may differ by as much. A mismatch of semantics differs by far more.)"""
+    run, reference_in = _fused_case(m, d, r, config, dtype)
+    fused_switch(True)
+    y_fused, g_fused = run()
+    fused_switch(False)
+    y_cublas, g_cublas = run()
+    y_ref, g_ref = reference_in(_f64)
+    err = rel_err(y_fused, y_cublas)
+    assert err <= REL_TOL[dtype] + rel_err(y_cublas, y_ref), f"y: fused vs cuBLAS path {err:.3e}"
+    assert g_fused.keys() == g_cublas.keys()
+    for name in g_fused:
+        err = rel_err(g_fused[name], g_cublas[name])
+        want = g_ref[name].reshape(g_cublas[name].shape)
+        allowed = REL_TOL[dtype] + rel_err(g_cublas[name], want)
+        assert err <= allowed, f"grad {name}: fused vs cuBLAS path {err:.3e} > {allowed:.3e}"
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_fused_kernels_run_where_the_shapes_allow(dtype, fused_switch):
+    """The fused kernels run for a supported shape and only then: not with PYADAPT_CUDA_FUSED=0,
+    not for r > 128, d not a multiple of 8, float32, or a residual off 16-byte alignment (those
+    take the cuBLAS path and still match the float64 reference)."""
+    fused_switch(True)
+    run, _ = _fused_case(65, 104, 7, FUSED_CONFIGS[1], dtype)
+    assert all(_ran_fused(_kernels_launched(run)).values()), "fused kernels did not run"
+    fused_switch(False)
+    assert not any(_ran_fused(_kernels_launched(run)).values()), "PYADAPT_CUDA_FUSED=0 ignored"
+
+    fused_switch(True)
+    # (shared layer, row scales, fixed scale: gradients the cuBLAS path meets the tolerance on)
+    for m, d, r, dt in [(65, 100, 7, dtype), (65, 104, 129, dtype), (65, 104, 7, torch.float32)]:
+        run, reference_in = _fused_case(m, d, r, FUSED_CONFIGS[3], dt)
+        assert not any(_ran_fused(_kernels_launched(run)).values()), (m, d, r, dt)
+        y, grads = run()
+        y_ref, g_ref = reference_in(_f64)
+        assert_close_rel(y, y_ref, dt, f"d={d} r={r} {dt}: y")
+        for name, grad in grads.items():
+            assert_close_rel(grad, g_ref[name].reshape(grad.shape), dt, f"grad {name}")
+
+    m, d, r = 65, 104, 7
+    x, p, res, rs, _ = _bottleneck_inputs(m, d, r, False, True, True, False, True, dtype)
+    args = (x, p["down_weight"], p["down_bias"], p["up_weight"], p["up_bias"])
+    shifted = _misaligned(res)
+    names = _kernels_launched(lambda: bottleneck(*args, residual=shifted, row_scale=rs, scale=0.5))
+    assert not _ran_fused(names)[FUSED_KERNELS[0]], "misaligned residual on the fused kernel"
+    y = bottleneck(*args, residual=shifted, row_scale=rs, scale=0.5)
+    y_ref = reference.bottleneck_forward(*[_f64(t) for t in args], residual=_f64(res), scale=0.5,
+                                         row_scale=_f64(rs))
+    assert_close_rel(y, y_ref, dtype, "y with a misaligned residual")
+
+
+@pytest.mark.parametrize("r,config", [(64, FUSED_CONFIGS[1]), (128, FUSED_CONFIGS[2]),
+                                      (7, FUSED_CONFIGS[5])])
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_fused_bit_identical_reruns(dtype, r, config, fused_switch):
+    """Two runs of the fused kernels (dropout, learnable scale, row scales): identical bits."""
+    fused_switch(True)
+    run, _ = _fused_case(1000, 768, r, config, dtype)
+    (y1, g1), (y2, g2) = run(), run()
+    assert torch.equal(y1, y2), "y differs between runs"
+    for name in g1:
+        assert torch.equal(g1[name], g2[name]), f"grad {name} differs between runs"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,5 +13,21 @@ if [[ "${1:-}" == "check" ]]; then
     -D_GLIBCXX_USE_CXX11_ABI="$abi" -isystem "$tdir/include" \
     -isystem "$tdir/include/torch/csrc/api/include" -Icsrc/cpu "$2"
 fi
-exec flock /tmp/pyadapt-native.lock env MAX_JOBS="${MAX_JOBS:-2}" \
+flock /tmp/pyadapt-native.lock env MAX_JOBS="${MAX_JOBS:-2}" \
   $PY -m pip install -q --no-build-isolation --no-deps -e .
+# setup.py never fails an install (a failed native build installs pure Python, and pip -q hides
+# the warning), and a module left from an earlier build would hide the failure: here, where the
+# build is the point, a module older than its sources is an error.
+stale() { [[ -n "$(find "${@:2}" -newer "$1" -print -quit)" ]]; }
+for so in pyadapt/_C.*.so; do
+  if [[ ! -e "$so" ]] || stale "$so" csrc/cpu csrc/module.cpp CMakeLists.txt; then
+    echo "tools/native.sh: the CPU module was not rebuilt; see: $PY -m pip install -v --no-build-isolation --no-deps -e ." >&2
+    exit 1
+  fi
+done
+for so in pyadapt/_C_cuda.*.so; do
+  if [[ -e "$so" ]] && stale "$so" csrc/cuda; then
+    echo "tools/native.sh: the CUDA module ($so) is older than csrc/cuda: its build failed or was skipped" >&2
+    exit 1
+  fi
+done

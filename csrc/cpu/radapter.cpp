@@ -71,7 +71,7 @@ at::Tensor kept_rows(const Inputs& in) {
 }
 
 // t's kept rows (t itself when all are kept).
-at::Tensor take(const at::Tensor& t, const at::Tensor& kept) {
+at::Tensor kept_part(const at::Tensor& t, const at::Tensor& kept) {
   return kept.defined() ? t.index_select(0, kept) : t;
 }
 
@@ -118,8 +118,8 @@ at::Tensor radapter_forward_cpu(const at::Tensor& x_, const at::Tensor& Wo_,
   }
   const at::Tensor kept = kept_rows(in);
   if (kept.defined() && kept.size(0) == 0) return z;  // every row dropped: y = z
-  at::Tensor q = det_mm(take(t, kept), last.t());
-  scale_rows(q, take(in.rs, kept) * c);
+  at::Tensor q = det_mm(kept_part(t, kept), last.t());
+  scale_rows(q, kept_part(in.rs, kept) * c);
   return kept.defined() ? z.index_add_(0, kept, q) : z.add_(q);
 }
 
@@ -148,9 +148,9 @@ std::vector<at::Tensor> radapter_forward_saving_cpu(
   }
   // q of the kept rows; a dropped row's q stays zero (the backward reads only kept rows)
   const at::Tensor kept = kept_rows(in);
-  at::Tensor q_kept = det_mm(take(z, kept), in.Wf.t());
+  at::Tensor q_kept = det_mm(kept_part(z, kept), in.Wf.t());
   at::Tensor cq = q_kept.clone();
-  scale_rows(cq, take(in.rs, kept) * c);
+  scale_rows(cq, kept_part(in.rs, kept) * c);
   if (!kept.defined()) return {z.add(cq), z, q_kept};
   at::Tensor q = at::zeros_like(z).index_copy_(0, kept, q_kept);
   return {z.clone().index_add_(0, kept, cq), z, q};
@@ -175,10 +175,10 @@ std::vector<at::Tensor> radapter_backward_cpu(
   // g_row = row_scale * g on the rows the adapter's products see: the kept rows (compact) in
   // the full-rank form, every row in the low-rank form (its products are r wide: no gain)
   const at::Tensor kept = in.full ? kept_rows(in) : at::Tensor();
-  at::Tensor g_row = take(g, kept);
+  at::Tensor g_row = kept_part(g, kept);
   if (in.rs.defined()) {
     if (!kept.defined()) g_row = g.clone();
-    scale_rows(g_row, take(in.rs, kept));
+    scale_rows(g_row, kept_part(in.rs, kept));
   }
   const bool need_dz = need_Wo || need_bo || (need_x && (in.rs.defined() || !fold_pays(in)));
 
@@ -197,12 +197,12 @@ std::vector<at::Tensor> radapter_backward_cpu(
   };
   at::Tensor z;  // z of the kept rows
   if (in.full && (need_Wf || need_scale))
-    z = have_saved ? take(saved_z->contiguous(), kept)
-                   : det_linear(take(in.x, kept), in.Wo.t(), in.bo);
+    z = have_saved ? kept_part(saved_z->contiguous(), kept)
+                   : det_linear(kept_part(in.x, kept), in.Wo.t(), in.bo);
   at::Tensor dz;
   if (in.full) {
     if (have_saved && need_scale)
-      out[6] = at::scalar_tensor(dot_all(g_row, take(saved_q->contiguous(), kept)),
+      out[6] = at::scalar_tensor(dot_all(g_row, kept_part(saved_q->contiguous(), kept)),
                                  in.x.options());
     if (need_Wf || (need_scale && !have_saved)) {
       at::Tensor P = det_mm(wide(g_row).t(), wide(z));  // (d_out x d_out)
@@ -212,7 +212,7 @@ std::vector<at::Tensor> radapter_backward_cpu(
     }
     if (need_dz) {
       // dz = g + c g_row W_f on the kept rows; a dropped row's dz is g
-      at::Tensor g_kept = take(g, kept);
+      at::Tensor g_kept = kept_part(g, kept);
       at::Tensor dz_kept = at::empty_like(g_kept);
       tiled_gemm(dz_kept, g_row, in.Wf, Init::Matrix, g_kept, 1.0, c);
       dz = kept.defined() ? g.clone().index_copy_(0, kept, dz_kept) : dz_kept;

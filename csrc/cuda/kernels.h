@@ -55,6 +55,59 @@ int64_t weighted_dot_workspace(int64_t rows, int64_t cols);
 void weighted_dot(DType dtype, const void* a, const void* b, const void* row_scale, int64_t rows,
                   int64_t cols, void* workspace, void* out, cudaStream_t stream);
 
+// Fused tensor-core bottleneck (bottleneck_fused.cu): bfloat16 / float16 only, sm_80 or newer,
+// 1 <= r <= kFusedMaxRank, d a multiple of 8 and every matrix 16-byte aligned (the caller
+// checks). W_s and W_u have rows of ld_rank elements: r rounded up to a multiple of 8, the
+// extra columns zero.
+constexpr int64_t kFusedMaxRank = 128;
+
+struct FusedBottleneck {
+  const void* W_d;        // (r, d)
+  const void* b_d;        // (r) or null
+  const void* W_s;        // (r, ld_rank) or null: no shared layer
+  const void* b_s;        // (r) or null
+  const void* W_u;        // (d, ld_rank)
+  const void* b_u;        // (d) or null
+  const void* scale;      // 0-dim of the storage type, or null: scale_value
+  double scale_value;
+  const void* row_scale;  // (rows) or null
+  int64_t rows, d, r, ld_rank;
+  Act act;
+  Dropout drop;  // on the input of up
+};
+
+// y = residual + s * row_scale * up(drop(act(shared?(act(down(x)))))); residual null: x. The
+// float32 pre-activations (M x r) go to pre1 (and pre2 after the shared layer) when not null; y
+// null computes only those (the backward's recomputation).
+void fused_bottleneck_forward(DType dtype, const FusedBottleneck& p, const void* x,
+                              const void* residual, void* y, float* pre1, float* pre2,
+                              cudaStream_t stream);
+
+// The backward's row pass: inputs, and outputs (null: not wanted). The M x r inputs of the
+// weight gradients keep float32 accuracy: dpre1 and hin come as hi and lo halves of the storage
+// type (cuBLAS takes them: dW_d = hi^T x + lo^T x), dpre2 and h1 as float32 (dW_s = dpre2^T h1),
+// and the bias and scale gradients as float32 sums per strip of 16 rows
+// (fused_bottleneck_strips(rows) strips), for a fixed-order reduction.
+struct FusedBackwardOut {
+  const void* g;       // grad_y (rows, d)
+  const float* pre1;   // (rows, r), from fused_bottleneck_forward
+  const float* pre2;   // (rows, r), shared layer only
+  bool add_g;          // dx += g: the residual is x itself
+  void* dx;            // (rows, d) = dpre1 W_d (+ g)
+  void* dpre1;         // (rows, 2 r): hi | lo
+  float* dpre2;        // (rows, r)
+  float* h1;           // (rows, r): act(pre1), shared layer only
+  void* hin;           // (rows, 2 hin_cols): hi | lo of h_in = row_scale * (the input of up);
+  int64_t hin_cols;    // r, or r + 1 with the row scale in column r (its lo half 0)
+  float* db_d;         // (strips, r): column sums of dpre1
+  float* db_s;         // (strips, r): column sums of dpre2
+  float* dscale;       // (strips): sum_i <h_in_i, (g W_u)_i>
+};
+
+int64_t fused_bottleneck_strips(int64_t rows);
+void fused_bottleneck_backward(DType dtype, const FusedBottleneck& p, const FusedBackwardOut& out,
+                               cudaStream_t stream);
+
 // out = round_to(dtype)(w + (*scale) * lr): w, out of `dtype`; lr of the accumulation type
 // (float, double for F64); scale a double on the device.
 void fold_epilogue(DType dtype, const void* w, const void* lr, const double* scale, void* out,

@@ -1,17 +1,21 @@
 // Torch-side glue of the CUDA backend: argument checks, the matrix products (cuBLAS through
 // at::mm / at::addmm: tensor cores for bfloat16 / float16 with float32 accumulation) and the
-// launches of the fused elementwise and reduction kernels of kernels.h. Registered as
-// torch.ops.pyadapt_cuda.* for the CUDA dispatch key; pyadapt/ops/_cuda_backend.py calls them.
+// launches of the fused elementwise, reduction and tensor-core bottleneck kernels of kernels.h.
+// Registered as torch.ops.pyadapt_cuda.* for the CUDA dispatch key;
+// pyadapt/ops/_cuda_backend.py calls them.
 // Compiled by the host compiler (no nvcc): only the .cu files need the CUDA compiler.
 //
 // Every op mirrors its reference in pyadapt/reference.py (the mathematics is documented there);
 // the comments below say only how it is computed.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <vector>
@@ -199,6 +203,201 @@ BottleneckArgs check_bottleneck(const Tensor& x_in, const Tensor& wd, const OptT
   return a;
 }
 
+// The fused tensor-core kernels (bottleneck_fused.cu) serve bfloat16 / float16 on sm_80 or newer
+// when 1 <= r <= kFusedMaxRank, d is a multiple of 8 and the M x d operands are 16-byte aligned;
+// everything else takes the cuBLAS path. PYADAPT_CUDA_FUSED=0 forces the cuBLAS path: read once,
+// and again by the fused_from_env op (so that tests can switch).
+bool fused_env() {
+  const char* v = std::getenv("PYADAPT_CUDA_FUSED");
+  return v == nullptr || std::string(v) != "0";
+}
+
+std::atomic<bool>& fused_switch() {
+  static std::atomic<bool> on{fused_env()};
+  return on;
+}
+
+bool fused_from_env() {
+  fused_switch() = fused_env();
+  return fused_switch();
+}
+
+bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+bool fused_fits(const BottleneckArgs& a, std::initializer_list<const Tensor*> rows_of_d) {
+  const at::ScalarType st = a.x.scalar_type();
+  if (!fused_switch() || (st != at::kBFloat16 && st != at::kHalf)) return false;
+  if (a.r < 1 || a.r > kFusedMaxRank || a.d == 0 || a.d % 8 != 0) return false;
+  for (const Tensor* t : rows_of_d)
+    if (t != nullptr && !aligned16(*t)) return false;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
+                                        a.x.get_device()));
+  return major >= 8;
+}
+
+// The weights as the fused kernels read them: 16-byte aligned, rows of W_s and W_u zero-padded
+// to a multiple of 8 elements (copies only when a weight is not already so).
+struct FusedWeights {
+  Tensor wd, wu;
+  OptTensor ws, bu;
+  int64_t ld_rank;
+};
+
+Tensor aligned_copy(const Tensor& t) { return aligned16(t) ? t : t.clone(); }
+
+Tensor padded_rows(const Tensor& t, int64_t cols) {
+  return t.size(1) == cols ? aligned_copy(t) : at::constant_pad_nd(t, {0, cols - t.size(1)});
+}
+
+FusedWeights fused_weights(const BottleneckArgs& a) {
+  FusedWeights w;
+  w.ld_rank = (a.r + 7) / 8 * 8;
+  w.wd = aligned_copy(a.wd);
+  w.wu = padded_rows(a.wu, w.ld_rank);
+  if (a.ws.has_value()) w.ws = padded_rows(*a.ws, w.ld_rank);
+  if (a.bu.has_value()) w.bu = aligned_copy(*a.bu);
+  return w;
+}
+
+FusedBottleneck fused_params(const BottleneckArgs& a, const FusedWeights& w, Act act,
+                             const Dropout& drop, double scale_value) {
+  FusedBottleneck p;
+  p.W_d = w.wd.data_ptr();
+  p.b_d = ptr(a.bd);
+  p.W_s = ptr(w.ws);
+  p.b_s = ptr(a.bs);
+  p.W_u = w.wu.data_ptr();
+  p.b_u = ptr(w.bu);
+  p.scale = ptr(a.scale);
+  p.scale_value = scale_value;
+  p.row_scale = ptr(a.row_scale);
+  p.rows = a.m;
+  p.d = a.d;
+  p.r = a.r;
+  p.ld_rank = w.ld_rank;
+  p.act = act;
+  p.drop = drop;
+  return p;
+}
+
+// a @ b for bfloat16 / float16 operands, accumulated and returned in float32 (zeros when the
+// inner dimension is empty). aten::mm.dtype (cuBLAS with a float32 output) exists from torch 2.8
+// on; looked up by name so that the module still builds against older torch (declared >= 2.5),
+// which gets the product of float32 copies instead.
+Tensor mm_float(const Tensor& a, const Tensor& b) {
+  if (a.size(1) == 0) return at::zeros({a.size(0), b.size(1)}, a.options().dtype(at::kFloat));
+  static const auto mm_dtype = c10::Dispatcher::singleton().findSchema({"aten::mm", "dtype"});
+  if (mm_dtype.has_value())
+    return mm_dtype->typed<Tensor(const Tensor&, const Tensor&, at::ScalarType)>().call(
+        a, b, at::kFloat);
+  return at::mm(a.to(at::kFloat), b.to(at::kFloat));
+}
+
+// hi + lo for a matrix whose columns [0, n) and [n, 2n) hold the hi and lo halves.
+Tensor join_halves(const Tensor& t, int64_t dim, int64_t n) {
+  return t.narrow(dim, 0, n) + t.narrow(dim, n, n);
+}
+
+// The backward on the fused kernels: the forward kernel recomputes the pre-activations (float32),
+// the row kernel gives dx and the M x r inputs of the weight gradients at float32 accuracy
+// (kernels.h), which are cuBLAS products with float32 results, rounded once, and fixed-order
+// sums of per-strip partials. dW_u = s P with P = g^T h_in, h_in = row_scale * (the input of
+// up): the row scales in an extra column of h_in make the same product give db_u = s P[:, r],
+// and dscale = <b_u, P[:, r]> + sum_i <h_in_i, (g W_u)_i>; g_u = s * row_scale * g (M x d) is
+// never formed.
+std::vector<Tensor> bottleneck_backward_fused(const BottleneckArgs& a, const Tensor& g,
+                                              bool has_residual, Act act, const Dropout& drop,
+                                              double scale_value, bool grad_scale_invariant,
+                                              const c10::List<bool>& needs) {
+  const bool shared = a.ws.has_value();
+  const bool want_dW_d = need(needs, 1);
+  const bool want_db_d = need(needs, 2) && a.bd.has_value();
+  const bool want_dW_s = shared && need(needs, 3);
+  const bool want_db_s = need(needs, 4) && a.bs.has_value();
+  const bool want_dbu = need(needs, 6) && a.bu.has_value();
+  const bool want_dscale = need(needs, 7) && a.scale.has_value();
+  const bool want_hin = need(needs, 5) || want_dbu || want_dscale;
+  std::vector<Tensor> grads(8);
+  for (auto& t : grads) t = empty_grad(a.x);
+  if (!(need(needs, 0) || want_dW_d || want_db_d || want_dW_s || want_db_s || want_hin))
+    return grads;
+
+  const DType dt = dtype_of(a.x);
+  const FusedWeights w = fused_weights(a);
+  const FusedBottleneck p = fused_params(a, w, act, drop, scale_value);
+  const auto f32 = a.x.options().dtype(at::kFloat);
+  const int64_t strips = fused_bottleneck_strips(a.m);
+  auto matrix = [&](bool want, int64_t rows, int64_t cols, const at::TensorOptions& opts) {
+    return want ? at::empty({rows, cols}, opts) : Tensor();
+  };
+  auto raw = [](const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; };
+  auto raw_f = [](const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
+  const int64_t hin_cols = a.r + (want_dbu || (want_dscale && a.bu.has_value()) ? 1 : 0);
+  const Tensor pre1 = at::empty({a.m, a.r}, f32), pre2 = matrix(shared, a.m, a.r, f32);
+  const Tensor dx = matrix(need(needs, 0), a.m, a.d, a.x.options());
+  const Tensor dpre1 = matrix(want_dW_d, a.m, 2 * a.r, a.x.options());
+  const Tensor dpre2 = matrix(want_dW_s, a.m, a.r, f32), h1 = matrix(want_dW_s, a.m, a.r, f32);
+  const Tensor hin = matrix(want_hin, a.m, 2 * hin_cols, a.x.options());
+  const Tensor db_d = matrix(want_db_d, strips, a.r, f32);
+  const Tensor db_s = matrix(want_db_s, strips, a.r, f32);
+  const Tensor dscale = matrix(want_dscale, strips, 1, f32);
+  if (a.m > 0) {
+    fused_bottleneck_forward(dt, p, a.x.data_ptr(), nullptr, nullptr, pre1.data_ptr<float>(),
+                             raw_f(pre2), stream());
+    check_launch();
+    FusedBackwardOut out;
+    out.g = g.data_ptr();
+    out.pre1 = pre1.data_ptr<float>();
+    out.pre2 = raw_f(pre2);
+    out.add_g = !has_residual;
+    out.dx = raw(dx);
+    out.dpre1 = raw(dpre1);
+    out.dpre2 = raw_f(dpre2);
+    out.h1 = raw_f(h1);
+    out.hin = raw(hin);
+    out.hin_cols = hin_cols;
+    out.db_d = raw_f(db_d);
+    out.db_s = raw_f(db_s);
+    out.dscale = raw_f(dscale);
+    fused_bottleneck_backward(dt, p, out, stream());
+    check_launch();
+  }
+
+  // Parameter gradients from their float32 values, rounded once. Those of up carry s, which
+  // grad_scale_invariant (MMA's gradient-scale layers) takes out again; under it the others are
+  // divided by s.
+  auto times_s = [&](const Tensor& t) {
+    return a.scale.has_value() ? t * a.scale->to(at::kFloat) : t * scale_value;
+  };
+  auto over_s = [&](const Tensor& t) {
+    return a.scale.has_value() ? t / a.scale->to(at::kFloat) : t / scale_value;
+  };
+  const at::ScalarType st = a.x.scalar_type();
+  auto param = [&](const Tensor& t) { return (grad_scale_invariant ? over_s(t) : t).to(st); };
+  auto up_param = [&](const Tensor& t) { return (grad_scale_invariant ? t : times_s(t)).to(st); };
+  if (need(needs, 0)) grads[0] = dx;
+  if (want_dW_d) grads[1] = param(join_halves(mm_float(dpre1.t(), a.x), 0, a.r));
+  if (want_db_d) grads[2] = param(col_sum_of(db_d));
+  if (want_dW_s) grads[3] = param(at::mm(dpre2.t(), h1));
+  if (want_db_s) grads[4] = param(col_sum_of(db_s));
+  if (want_hin) {
+    const Tensor P = join_halves(mm_float(g.t(), hin), 1, hin_cols);  // (d, hin_cols)
+    if (need(needs, 5)) grads[5] = up_param(P.narrow(1, 0, a.r));
+    if (want_dbu) grads[6] = up_param(P.select(1, a.r));
+    if (want_dscale) {
+      Tensor total = col_sum_of(dscale).reshape({});
+      if (a.bu.has_value()) {
+        const Tensor bu_row = a.bu->to(at::kFloat).reshape({1, a.d});
+        total = total + weighted_dot_of(bu_row, P.select(1, a.r).reshape({1, a.d}).contiguous(),
+                                        std::nullopt);
+      }
+      grads[7] = grad_scale_invariant ? over_s(total) : total;
+    }
+  }
+  return grads;
+}
+
 Tensor bottleneck_forward(const Tensor& x_in, const OptTensor& residual, const Tensor& wd,
                           const OptTensor& bd, const OptTensor& ws, const OptTensor& bs,
                           const Tensor& wu, const OptTensor& bu, const OptTensor& scale,
@@ -210,6 +409,16 @@ Tensor bottleneck_forward(const Tensor& x_in, const OptTensor& residual, const T
   const Dropout drop = make_dropout(seed, dropout_p, a.x);
   const OptTensor res = checked(residual, "residual", a.x, a.m, a.d);
   const DType dt = dtype_of(a.x);
+  if (fused_fits(a, {&a.x, res.has_value() ? &*res : nullptr})) {
+    Tensor y = at::empty({a.m, a.d}, a.x.options());
+    if (a.m > 0) {
+      const FusedWeights w = fused_weights(a);
+      fused_bottleneck_forward(dt, fused_params(a, w, act, drop, scale_value), a.x.data_ptr(),
+                               ptr(res), y.data_ptr(), nullptr, nullptr, stream());
+      check_launch();
+    }
+    return y;
+  }
 
   Tensor pre = at::mm(a.x, a.wd.t());  // (M, r)
   Tensor h = at::empty_like(pre);
@@ -245,6 +454,10 @@ std::vector<Tensor> bottleneck_backward(
   const Act act = parse_act(activation);
   const Dropout drop = make_dropout(seed, dropout_p, a.x);
   const Tensor g = checked(grad_y, "grad_y", a.x, a.m, a.d);
+  if (fused_fits(a, {&a.x, &g})) {
+    return bottleneck_backward_fused(a, g, has_residual, act, drop, scale_value,
+                                     grad_scale_invariant, needs);
+  }
   const DType dt = dtype_of(a.x);
   const bool shared = a.ws.has_value();
 
@@ -542,6 +755,8 @@ TORCH_LIBRARY(pyadapt_cuda, m) {
         "float scale_value, Tensor? row_scale, bool[] needs) -> Tensor[]");
   m.def("fold_weights(Tensor[] weights, Tensor[] lefts, Tensor[] rights, Tensor scales) "
         "-> Tensor[]");
+  // Re-reads PYADAPT_CUDA_FUSED; returns whether the fused bottleneck kernels are on.
+  m.def("fused_from_env() -> bool", &fused_from_env);
 }
 
 TORCH_LIBRARY_IMPL(pyadapt_cuda, CUDA, m) {

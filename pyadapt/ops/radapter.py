@@ -81,7 +81,8 @@ register_autograd(radapter_forward, _backward, _setup_context)
 
 # The training forward of the cpu backend for the full-rank form: y, and z and q (compute dtype:
 # float32, float64 for float64) for the backward, which then neither recomputes z nor forms
-# g^T z in float64 for dscale (what eager autograd keeps, it keeps). `radapter()` takes it in
+# g^T z in float64 for dscale (what eager autograd keeps, it keeps). q is the backward's: rows
+# whose row_scale is 0 (dropped adapters) may hold zeros instead. `radapter()` takes it in
 # eager training on the cpu backend; on any other backend the op still answers (that backend's
 # y, z and q computed in torch), so a choice made under one backend stays correct under another.
 
