@@ -118,61 +118,6 @@ inline const C* row_in_compute(const S* row, C* buf, int64_t n) {
   }
 }
 
-// Epilogue tiles: columns j..j+n (n <= tile_cols) of a storage row as two compute-type vectors
-// (zero past n), and back (only n values written, rounded once for low-precision storage).
-// Full tiles of compute-type storage move as vectors; the rest goes through a small buffer.
-template <typename S, typename C>
-inline void load_tile(const S* src, int64_t n, typename Vec<C>::type& v0,
-                      typename Vec<C>::type& v1) {
-  using V = typename Vec<C>::type;
-  using U = typename Vec<C>::unaligned;
-  constexpr int64_t L = vec_len<C>();
-  if constexpr (std::is_same_v<S, C>) {
-    if (n == 2 * L) {
-      v0 = *reinterpret_cast<const U*>(src);
-      v1 = *reinterpret_cast<const U*>(src + L);
-      return;
-    }
-  }
-  alignas(32) C buf[2 * L] = {};
-  widen<S, C>(src, buf, n);
-  v0 = *reinterpret_cast<const V*>(buf);
-  v1 = *reinterpret_cast<const V*>(buf + L);
-}
-
-// stream: write whole 64-byte lines past the caches (non-temporal stores), so a large output
-// costs no read-for-ownership of its lines and does not evict the inputs (see streams_output).
-template <typename S, typename C>
-inline void store_tile(typename Vec<C>::type v0, typename Vec<C>::type v1, S* dst,
-                       int64_t n, bool stream) {
-  using V = typename Vec<C>::type;
-  using U = typename Vec<C>::unaligned;
-  constexpr int64_t L = vec_len<C>();
-  if constexpr (std::is_same_v<S, C>) {
-    if (n == 2 * L) {
-#if defined(__AVX__)
-      if (stream && (reinterpret_cast<uintptr_t>(dst) & 31) == 0) {
-        if constexpr (std::is_same_v<C, float>) {
-          _mm256_stream_ps(dst, reinterpret_cast<__m256>(v0));
-          _mm256_stream_ps(dst + L, reinterpret_cast<__m256>(v1));
-        } else {
-          _mm256_stream_pd(dst, reinterpret_cast<__m256d>(v0));
-          _mm256_stream_pd(dst + L, reinterpret_cast<__m256d>(v1));
-        }
-        return;
-      }
-#endif
-      *reinterpret_cast<U*>(dst) = v0;
-      *reinterpret_cast<U*>(dst + L) = v1;
-      return;
-    }
-  }
-  alignas(32) C buf[2 * L];
-  *reinterpret_cast<V*>(buf) = v0;
-  *reinterpret_cast<V*>(buf + L) = v1;
-  narrow<S, C>(buf, dst, n);
-}
-
 // Whether an output of `bytes` is written with streaming stores: only outputs far larger than
 // the per-core caches (then its lines would be evicted before anyone reads them back, and
 // fetching them for ownership only costs bandwidth). PYADAPT_CPU_STREAM=0/1 overrides.
